@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the virtual environment and the system libraries the project needs.
+# usage: setup.sh PYTHON VENV
+set -euo pipefail
+python=$1
+venv=$2
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+# Intel ISA-L: the CPU fast path of the codec and the reference the tests compare parity with.
+if ! ldconfig -p 2>/dev/null | grep -q 'libisal\.so\.2'; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  echo "installing libisal2 (Intel ISA-L) with apt-get"
+  $sudo apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q libisal2 >/dev/null
+fi
+
+if [ ! -f "$venv/.complete" ]; then
+  echo "creating $venv (first time for this pyproject.toml: installs sglang, several minutes)"
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q -e "$here[dev]"
+  echo "$here" > "$venv/.source"
+  touch "$venv/.complete"
+fi
+
+# The environment is shared between checkouts: point the editable install at this one.
+if [ "$(cat "$venv/.source" 2>/dev/null)" != "$here" ]; then
+  "$venv/bin/pip" install -q --no-deps -e "$here"
+  echo "$here" > "$venv/.source"
+fi
