@@ -3,12 +3,12 @@
 import ctypes
 import itertools
 
+import gf_slow
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gf_slow
 from ghostserve_sglang.codec import (
     GeometryError,
     ShardCountError,

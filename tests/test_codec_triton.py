@@ -4,9 +4,9 @@ import itertools
 
 import pytest
 import torch
+from test_codec import random_shards, same_bytes
 
 from ghostserve_sglang.codec import available_backends, new_code
-from test_codec import random_shards, same_bytes
 
 pytestmark = pytest.mark.skipif(
     "triton" not in available_backends("cuda" if torch.cuda.is_available() else "cpu"),
@@ -20,7 +20,9 @@ def test_triton_runs_here():
 
 
 @pytest.mark.parametrize("code,k,m", [("xor", 3, 1), ("rs", 4, 2), ("rs", 5, 3)])
-@pytest.mark.parametrize("dtype,numel", [(torch.float16, 700), (torch.float8_e4m3fn, 1037), (torch.float32, 3)])
+@pytest.mark.parametrize(
+    "dtype,numel", [(torch.float16, 700), (torch.float8_e4m3fn, 1037), (torch.float32, 3)]
+)
 def test_triton_encode_and_rebuild_equal_torch_reference(code, k, m, dtype, numel):
     data = [s.to(DEVICE) for s in random_shards(k, numel, dtype, k + m)]
     triton_code = new_code(code, k, m, backend="triton")

@@ -26,21 +26,21 @@ def _as_bytes(shard: torch.Tensor) -> torch.Tensor:
 
 
 def _check_like(shards: Sequence[torch.Tensor | None], what: str) -> torch.Tensor:
-    """The first shard given; raises ShardSizeError unless every shard matches it."""
+    """The first shard given; raises ShardSizeError unless every shard is a contiguous tensor like it."""
     present = [(i, s) for i, s in enumerate(shards) if s is not None]
     if not present:
         raise TooFewShardsError(f"no {what} shard was given")
+    first, ref = present[0]
+    like = (ref.shape, ref.dtype, ref.device) if isinstance(ref, torch.Tensor) else None
     for i, shard in present:
         if not isinstance(shard, torch.Tensor):
             raise ShardSizeError(f"{what} shard {i} is a {type(shard).__name__}, expected a torch.Tensor")
         if not shard.is_contiguous():
             raise ShardSizeError(f"{what} shard {i} is not contiguous")
-    ref = present[0][1]
-    for i, shard in present:
-        if (shard.shape, shard.dtype, shard.device) != (ref.shape, ref.dtype, ref.device):
+        if (shard.shape, shard.dtype, shard.device) != like:
             raise ShardSizeError(
                 f"{what} shard {i} is {shard.dtype}{list(shard.shape)} on {shard.device}, "
-                f"expected {ref.dtype}{list(ref.shape)} on {ref.device} like shard {present[0][0]}"
+                f"expected {ref.dtype}{list(ref.shape)} on {ref.device} like shard {first}"
             )
     return ref
 

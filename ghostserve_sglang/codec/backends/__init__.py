@@ -62,13 +62,18 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def select_backend(device: torch.device | str, name: str | None = None) -> Backend:
     """The backend for tensors on ``device``: ``name`` if given, else the fastest available
     (Triton on a GPU, ISA-L on a CPU that has it, the torch reference otherwise)."""
-    device = torch.device(device)
+    return _select(torch.device(device).type, name)
+
+
+@functools.cache
+def _select(device_type: str, name: str | None) -> Backend:
+    available = available_backends(device_type)
     if name is None:
-        fast = "triton" if device.type == "cuda" else "isal"
-        name = fast if fast in available_backends(device) else "torch"
+        fast = "triton" if device_type == "cuda" else "isal"
+        name = fast if fast in available else "torch"
     if name not in BACKENDS:
         raise CodecError(f"unknown codec backend {name!r}; allowed: {', '.join(BACKENDS)}")
-    if name not in available_backends(device):
-        raise CodecError(f"codec backend {name!r} cannot run on {device.type} here; "
-                         f"available: {', '.join(available_backends(device))}")
+    if name not in available:
+        raise CodecError(f"codec backend {name!r} cannot run on {device_type} here; "
+                         f"available: {', '.join(available)}")
     return _load(name)

@@ -2,7 +2,7 @@
 
 ``ec_encode_data`` does the GF(2^8) matrix product with SIMD table look-ups; ``xor_gen`` is used for
 all-ones single-row products (the xor code) when every buffer is 32-byte aligned, as it requires.
-Both calls release the GIL, so large products are split across threads by column.
+Both calls release the GIL, so large GF products are split across threads by column.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from ..gf256 import Matrix
 
 _LIBRARY_NAMES = ("libisal.so.2", ctypes.util.find_library("isal"))
-_SPLIT_BYTES = 1 << 20  # below this total input, one thread is faster than handing work out
+_SPLIT_BYTES = 4 << 20  # GF products smaller than this run faster on one thread than split
 
 
 @functools.cache
@@ -74,7 +74,9 @@ class IsalBackend:
         use_xor = len(sources) >= 2 and key == ((1,) * len(sources),) and all(
             t.data_ptr() % 32 == 0 for t in (*sources, *outputs)
         )
-        parts = self._threads if self._pool and length * len(sources) >= _SPLIT_BYTES else 1
+        # xor_gen runs at memory speed on one thread; only the GF product gains from a second one.
+        split = self._pool and not use_xor and length * len(sources) >= _SPLIT_BYTES
+        parts = self._threads if split else 1
         step = (length // parts + 63) // 64 * 64
         spans = [(start, min(step, length - start)) for start in range(0, length, step)]
 
@@ -90,7 +92,7 @@ class IsalBackend:
                     _pointers(sources, start), _pointers(outputs, start),
                 )
 
-        if len(spans) == 1:
-            run(spans[0])
-        else:
-            list(self._pool.map(run, spans))
+        helpers = [self._pool.submit(run, span) for span in spans[1:]]
+        run(spans[0])
+        for helper in helpers:
+            helper.result()
