@@ -7,7 +7,7 @@ VENV := $(VENV_ROOT)/venv-$(shell sha256sum pyproject.toml | cut -c1-16)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench lint
+.PHONY: setup run test bench
 
 setup:
 	@bash .ci/setup.sh "$(PYTHON)" "$(VENV)"
@@ -16,10 +16,9 @@ run: setup
 	$(PY) -m ghostserve_sglang.codec.demo
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/codec_bench.py
 
-lint: setup
-	$(PY) -m ruff check .

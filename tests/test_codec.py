@@ -192,7 +192,7 @@ def test_parity_matches_intel_isal(backend, k, m, length):
 @pytest.mark.parametrize("code,k,m", [("xor", 4, 1), ("rs", 4, 2), ("rs", 8, 2)])
 def test_large_shards_take_the_threaded_fast_path_identically(code, k, m):
     # Sizes above the threading threshold, odd lengths and unaligned starts (xor_gen needs alignment).
-    base = random_shards(k, 3 << 20, torch.uint8, 7)
+    base = random_shards(k, 5 << 20, torch.uint8, 7)
     for data in (base, [d[1:-2] for d in base]):
         fast = new_code(code, k, m, backend="isal").encode(data)
         ref = new_code(code, k, m, backend="torch").encode(data)

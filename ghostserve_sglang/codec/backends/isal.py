@@ -2,7 +2,7 @@
 
 ``ec_encode_data`` does the GF(2^8) matrix product with SIMD table look-ups; ``xor_gen`` is used for
 all-ones single-row products (the xor code) when every buffer is 32-byte aligned, as it requires.
-Both calls release the GIL, so large GF products are split across threads by column.
+Both calls release the GIL, so large products are split across threads by column.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ import torch
 from ..gf256 import Matrix
 
 _LIBRARY_NAMES = ("libisal.so.2", ctypes.util.find_library("isal"))
-_SPLIT_BYTES = 4 << 20  # GF products smaller than this run faster on one thread than split
+# Below these totals of input bytes one thread beats splitting the columns across the pool (measured:
+# the GF product is compute-bound and gains early; xor_gen is memory-bound and gains only when large).
+_SPLIT_GF_BYTES = 4 << 20
+_SPLIT_XOR_BYTES = 16 << 20
 
 
 @functools.cache
@@ -74,8 +77,8 @@ class IsalBackend:
         use_xor = len(sources) >= 2 and key == ((1,) * len(sources),) and all(
             t.data_ptr() % 32 == 0 for t in (*sources, *outputs)
         )
-        # xor_gen runs at memory speed on one thread; only the GF product gains from a second one.
-        split = self._pool and not use_xor and length * len(sources) >= _SPLIT_BYTES
+        threshold = _SPLIT_XOR_BYTES if use_xor else _SPLIT_GF_BYTES
+        split = self._pool is not None and length * len(sources) >= threshold
         parts = self._threads if split else 1
         step = (length // parts + 63) // 64 * 64
         spans = [(start, min(step, length - start)) for start in range(0, length, step)]
