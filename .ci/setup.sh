@@ -16,11 +16,17 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libisal\.so\.2'; then
 fi
 
 if [ ! -f "$venv/.complete" ]; then
-  echo "creating $venv (first time for this pyproject.toml: installs sglang, several minutes)"
+  log="$venv.install.log"
+  echo "creating $venv (first time for this pyproject.toml: installs sglang, about ten minutes; log: $log)"
   rm -rf "$venv"
-  "$python" -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q -e "$here[dev]"
+  mkdir -p "$(dirname "$venv")"
+  if ! { "$python" -m venv "$venv" \
+      && "$venv/bin/pip" install --upgrade pip \
+      && "$venv/bin/pip" install -e "$here[dev]"; } > "$log" 2>&1; then
+    grep -v '^WARNING: Location' "$log" | tail -40
+    echo "set-up failed; the whole log is $log" >&2
+    exit 1
+  fi
   echo "$here" > "$venv/.source"
   touch "$venv/.complete"
 fi

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shards import random_shards, same_bytes
 
 from ghostserve_sglang.codec import (
     GeometryError,
@@ -21,18 +22,6 @@ from ghostserve_sglang.codec.backends.isal import load_library
 
 CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float32, torch.uint8]
-
-
-def random_shards(count: int, numel: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    return [torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen).view(dtype)
-            for _ in range(count)]
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def test_isal_is_installed_for_the_tests():

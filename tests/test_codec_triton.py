@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from test_codec import random_shards, same_bytes
+from shards import random_shards, same_bytes
 
 from ghostserve_sglang.codec import available_backends, new_code
 
