@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-seconds", type=float, default=0.3, help="time spent per measurement")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    backends = args.backends or available_backends(device)
+    # Triton on a CPU is its interpreter, a testing aid ~100x slower than torch: not worth timing.
+    interpreted = {"triton"} if device.type == "cpu" else set()
+    backends = args.backends or [b for b in available_backends(device) if b not in interpreted]
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, device {device}, "
           f"torch {torch.__version__}")
