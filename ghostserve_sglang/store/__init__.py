@@ -1,0 +1,10 @@
+"""Host side of GhostServe: per-rank parity shards in shared memory and the drain that fills them."""
+
+from .drain import ON_FULL, DrainCounters, ParityDrain
+from .geometry import StoreError, StoreGeometry
+from .segment import EXISTING, ParitySegment, ReadResult, segment_path
+
+__all__ = [
+    "EXISTING", "ON_FULL", "DrainCounters", "ParityDrain", "ParitySegment", "ReadResult", "StoreError",
+    "StoreGeometry", "segment_path",
+]

@@ -1,0 +1,226 @@
+"""The background drain: moves staged parity into the slot table off the forward path, in step order,
+and advances the durable watermark.
+
+The producer (the step loop) calls ``submit(step, slots, parity)`` once per step; the call only copies
+rows into the segment's staging ring (asynchronously, from a GPU) and returns. A thread writes ring
+entries into the table and, when every entry of a step is in, moves the watermark to that step.
+When the ring is full the producer waits up to ``stall_timeout_s``; then ``on_full="block"`` keeps
+waiting and ``on_full="drop"`` gives up protection of the rest of that step (its slots are
+invalidated). Both outcomes are counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+
+import torch
+
+from .geometry import StoreError
+from .segment import RING_HEAD, RING_TAIL, WATERMARK, ParitySegment
+
+ON_FULL = ("block", "drop")
+
+
+@dataclasses.dataclass
+class DrainCounters:
+    """Totals since start, and the lag of the durable watermark behind the last submitted step."""
+
+    bytes_drained: int = 0
+    records_drained: int = 0
+    steps_submitted: int = 0
+    stalls: int = 0
+    stall_seconds: float = 0.0
+    drops: int = 0
+    dropped_records: int = 0
+    lag_steps: int = 0
+    lag_seconds: float = 0.0
+
+
+class ParityDrain:
+    def __init__(
+        self, segment: ParitySegment, stall_timeout_s: float = 0.05, on_full: str = "block",
+        batch_entries: int = 4096,
+    ) -> None:
+        if on_full not in ON_FULL:
+            raise StoreError(f"on_full={on_full!r} is not allowed; allowed: {', '.join(ON_FULL)}")
+        if not stall_timeout_s >= 0:
+            raise StoreError(f"stall_timeout_s={stall_timeout_s!r} is not allowed; it must be >= 0")
+        self.segment = segment
+        self.stall_timeout_s = stall_timeout_s
+        self.on_full = on_full
+        self._batch = batch_entries
+        self._cv = threading.Condition()
+        self._head = segment.control(RING_HEAD)
+        self._tail = segment.control(RING_TAIL)
+        self._last_step = segment.watermark
+        self._steps: collections.deque[tuple[int, int, float]] = collections.deque()  # step, end, t
+        self._invalidations: collections.deque[tuple[int, torch.Tensor]] = collections.deque()
+        self._copies: collections.deque[tuple[int, int, torch.cuda.Event]] = collections.deque()
+        self._stream = None
+        self._paused = False
+        self._stopping = False
+        self._counters = DrainCounters()
+        self._thread = threading.Thread(target=self._run, name="ghostserve-drain", daemon=True)
+
+    # -- producer side ---------------------------------------------------------------------------
+    def start(self) -> ParityDrain:
+        if torch.cuda.is_available():
+            self.segment.pin()
+            self._stream = torch.cuda.Stream()
+        self._thread.start()
+        return self
+
+    def submit(self, step: int, slots: torch.Tensor, parity: torch.Tensor) -> None:
+        """Stage one step's parity rows (``parity[i]`` belongs to ``slots[i]``; slots distinct)."""
+        if step <= self._last_step:
+            raise StoreError(f"step {step} is not after the last submitted step {self._last_step}")
+        record = self.segment.geometry.record_bytes
+        if parity.dim() != 2 or parity.shape[1] != record or parity.shape[0] != len(slots):
+            raise StoreError(f"parity is {list(parity.shape)}, expected [{len(slots)}, {record}] uint8")
+        slots = slots.to("cpu", torch.int64)
+        cap, done, n = self.segment.ring_entries, 0, len(slots)
+        while done < n:
+            free = self._wait_for_space()
+            if free == 0:  # on_full == "drop" and the bound passed
+                self._drop(slots[done:])
+                break
+            start = self._head % cap
+            take = min(free, n - done, cap - start)
+            self.segment.ring_meta[start : start + take, 0] = step
+            self.segment.ring_meta[start : start + take, 1] = slots[done : done + take]
+            self._copy(self.segment.ring[start : start + take], parity[done : done + take])
+            with self._cv:
+                self._head += take
+                self.segment.set_control(RING_HEAD, self._head)
+                self._cv.notify_all()
+            done += take
+        with self._cv:
+            self._last_step = step
+            self._counters.steps_submitted += 1
+            self._steps.append((step, self._head, time.monotonic()))
+            self._advance_watermark()
+
+    def invalidate(self, slots: torch.Tensor) -> None:
+        """Slots were freed: drop their parity now and after any of their records still staged."""
+        slots = torch.as_tensor(slots, dtype=torch.int64).cpu()
+        self.segment.invalidate(slots)
+        with self._cv:
+            self._invalidations.append((self._head, slots))
+            self._apply_invalidations()
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if not src.is_cuda:
+            dst.copy_(src)
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(src.device))
+        with torch.cuda.stream(self._stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        src.record_stream(self._stream)
+        with self._cv:
+            self._copies.append((self._head, self._head + len(dst), event))
+
+    def _wait_for_space(self) -> int:
+        cap = self.segment.ring_entries
+        with self._cv:
+            if self._head - self._tail < cap:
+                return cap - (self._head - self._tail)
+            started = time.monotonic()
+            self._counters.stalls += 1
+            deadline = started + self.stall_timeout_s
+            while self._head - self._tail >= cap:
+                remaining = deadline - time.monotonic()
+                if self.on_full == "drop" and remaining <= 0:
+                    break
+                self._cv.wait(remaining if self.on_full == "drop" else 0.1)
+            self._counters.stall_seconds += time.monotonic() - started
+            return cap - (self._head - self._tail)
+
+    def _drop(self, slots: torch.Tensor) -> None:
+        self._counters.drops += 1
+        self._counters.dropped_records += len(slots)
+        self.invalidate(slots)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything submitted is durable; False if ``timeout_s`` passed first."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self.segment.watermark >= self._last_step, timeout_s)
+
+    def pause(self) -> None:
+        """Stop draining (staged records stay in the ring, not durable) until ``resume``."""
+        with self._cv:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    def stop(self, flush: bool = True) -> None:
+        if flush and not self._paused:
+            self.flush()
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def counters(self) -> DrainCounters:
+        with self._cv:
+            snapshot = dataclasses.replace(self._counters)
+            snapshot.lag_steps = self._last_step - self.segment.watermark
+            snapshot.lag_seconds = time.monotonic() - self._steps[0][2] if self._steps else 0.0
+            return snapshot
+
+    # -- drain thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        cap = self.segment.ring_entries
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stopping or (not self._paused and self._head > self._tail))
+                if self._stopping:
+                    return
+                start = self._tail
+                count = min(self._head - start, self._batch, cap - start % cap)
+            self._wait_copies(start + count)
+            self._write(start % cap, count)
+            with self._cv:
+                self._tail = start + count
+                self.segment.set_control(RING_TAIL, self._tail)
+                self._counters.records_drained += count
+                self._counters.bytes_drained += count * self.segment.geometry.record_bytes
+                self._apply_invalidations()
+                self._advance_watermark()
+                self._cv.notify_all()
+
+    def _wait_copies(self, end: int) -> None:
+        """Wait for the device-to-host copies that fill ring positions below ``end``."""
+        with self._cv:
+            pending = [event for start, _, event in self._copies if start < end]
+        for event in pending:
+            event.synchronize()
+        with self._cv:
+            while self._copies and self._copies[0][1] <= end:
+                self._copies.popleft()
+
+    def _write(self, index: int, count: int) -> None:
+        """Write ring entries [index, index + count) into the table, one step at a time (a step's
+        slots are distinct; the same slot in two steps must land in step order)."""
+        meta = self.segment.ring_meta[index : index + count]
+        steps = meta[:, 0]
+        cuts = (torch.nonzero(steps[1:] != steps[:-1]).flatten() + 1).tolist()
+        for lo, hi in zip([0, *cuts], [*cuts, count]):
+            rows = slice(index + lo, index + hi)
+            self.segment.write_records(int(steps[lo]), meta[lo:hi, 1].clone(), self.segment.ring[rows])
+
+    def _apply_invalidations(self) -> None:
+        while self._invalidations and self._invalidations[0][0] <= self._tail:
+            self.segment.invalidate(self._invalidations.popleft()[1])
+
+    def _advance_watermark(self) -> None:
+        while self._steps and self._steps[0][1] <= self._tail:
+            self.segment.set_control(WATERMARK, self._steps.popleft()[0])
+            self._cv.notify_all()

@@ -1,0 +1,250 @@
+"""One rank's host parity shard: a POSIX shared-memory segment that outlives the process writing it.
+
+Layout (all offsets fixed by the header, which holds the format version and the geometry):
+
+    header   4 KiB: magic, version, geometry (JSON), control words (watermark, ring head and tail, owner)
+    slots    per slot: the step its parity became durable at (0: none) and the record's CRC-32
+    table    per slot: ``record_bytes`` of parity, indexed by slot
+    ring     staging between producer and table: per entry (step, slot) and ``record_bytes`` of parity
+
+A slot's record is written as: step := 0, parity bytes, CRC-32 of (step, slot, bytes), step := step.
+A record is handed out for a rebuild only when its step is at or below the durable watermark and its
+CRC matches, so a torn write or flipped bits are reported and never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import re
+import struct
+import zlib
+
+import torch
+
+from .geometry import StoreError, StoreGeometry
+
+FORMAT_VERSION = 1
+MAGIC = b"GHSTPAR\0"
+HEADER_BYTES = 4096
+SHM_DIR = "/dev/shm"
+EXISTING = ("fail", "attach", "remove")
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_PREAMBLE = struct.Struct("<8sIII")  # magic, version, ring entries, geometry JSON length
+_CONTROL_OFFSET, _GEOMETRY_OFFSET = 64, 256
+WATERMARK, RING_HEAD, RING_TAIL, OWNER_PID = range(4)
+
+
+def segment_path(instance_id: str, rank: int) -> str:
+    if not isinstance(instance_id, str) or not _INSTANCE_ID.fullmatch(instance_id):
+        raise StoreError(f"instance id {instance_id!r} is not allowed; use 1-64 of A-Z a-z 0-9 _ . -")
+    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-rank{rank}")
+
+
+def _align(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _record_crc(step: int, slot: int, payload: memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(struct.pack("<qq", step, slot)))
+
+
+@dataclasses.dataclass
+class ReadResult:
+    """Parity of the slots asked for. ``usable[i]`` is True only for a durable record whose CRC
+    matched; ``corrupt`` lists slots whose durable record failed its CRC."""
+
+    parity: torch.Tensor
+    steps: torch.Tensor
+    usable: torch.Tensor
+    corrupt: list[int]
+
+
+class ParitySegment:
+    """A mapped parity shard. Create with ``create`` (``existing`` says what to do with a segment a
+    dead instance left behind) or re-attach after a crash with ``attach``."""
+
+    def __init__(self, path: str, fd: int, geometry: StoreGeometry, ring_entries: int) -> None:
+        self.path = path
+        self.geometry = geometry
+        self.ring_entries = ring_entries
+        record = geometry.record_bytes
+        self._offsets = {"slots": HEADER_BYTES}
+        self._offsets["table"] = _align(self._offsets["slots"] + 16 * geometry.slots)
+        self._offsets["ring_meta"] = _align(self._offsets["table"] + record * geometry.slots)
+        self._offsets["ring"] = _align(self._offsets["ring_meta"] + 16 * ring_entries)
+        self.size_bytes = _align(self._offsets["ring"] + record * ring_entries)
+        if os.fstat(fd).st_size == 0:
+            os.ftruncate(fd, self.size_bytes)
+        elif os.fstat(fd).st_size != self.size_bytes:
+            raise StoreError(f"segment {path} is {os.fstat(fd).st_size} bytes, its header implies "
+                             f"{self.size_bytes}; it is damaged")
+        self._map = mmap.mmap(fd, self.size_bytes)
+        os.close(fd)
+        self._view = memoryview(self._map)
+        buf = torch.frombuffer(self._map, dtype=torch.uint8)
+        o = self._offsets
+        self._control = buf[_CONTROL_OFFSET : _CONTROL_OFFSET + 64].view(torch.int64)
+        slot_words = buf[o["slots"] : o["slots"] + 16 * geometry.slots].view(torch.int64).view(-1, 2)
+        self.slot_steps, self.slot_crcs = slot_words[:, 0], slot_words[:, 1]
+        self.table = buf[o["table"] : o["table"] + record * geometry.slots].view(geometry.slots, record)
+        meta = buf[o["ring_meta"] : o["ring_meta"] + 16 * ring_entries].view(torch.int64)
+        self.ring_meta = meta.view(ring_entries, 2)
+        self.ring = buf[o["ring"] : o["ring"] + record * ring_entries].view(ring_entries, record)
+        self._pinned = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, instance_id: str, rank: int, geometry: StoreGeometry, ring_entries: int,
+        existing: str = "fail",
+    ) -> ParitySegment:
+        """A fresh segment, mode 0600. A segment already there is refused (``fail``), re-attached
+        for recovery (``attach``) or deleted first (``remove``); one whose owner is alive is never
+        removed."""
+        if existing not in EXISTING:
+            raise StoreError(f"existing={existing!r} is not allowed; allowed: {', '.join(EXISTING)}")
+        if not isinstance(ring_entries, int) or ring_entries < 1:
+            raise StoreError(f"ring_entries={ring_entries!r} is not allowed; it must be an int >= 1")
+        path = segment_path(instance_id, rank)
+        if os.path.exists(path):
+            if existing == "attach":
+                return cls.attach(instance_id, rank, geometry)
+            owner = cls._owner_of(path)
+            if existing == "fail" or _pid_alive(owner):
+                live = f"; its owner pid {owner} is alive" if _pid_alive(owner) else ""
+                raise StoreError(f"segment {path} already exists{live}; start with existing='attach' "
+                                 "to recover from it or existing='remove' to start fresh")
+            os.unlink(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.fchmod(fd, 0o600)  # independent of the umask
+        segment = cls(path, fd, geometry, ring_entries)
+        segment._write_header(instance_id)
+        return segment
+
+    @classmethod
+    def attach(cls, instance_id: str, rank: int, geometry: StoreGeometry) -> ParitySegment:
+        """Map an existing segment, refusing any other format version or geometry."""
+        path = segment_path(instance_id, rank)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise StoreError(f"no segment {path} to attach to") from None
+        header = os.pread(fd, HEADER_BYTES, 0)
+        magic, version, ring_entries, length = _PREAMBLE.unpack_from(header)
+        if magic != MAGIC or version != FORMAT_VERSION:
+            os.close(fd)
+            raise StoreError(f"segment {path} has format {magic!r} version {version}; this GhostServe "
+                             f"reads {MAGIC!r} version {FORMAT_VERSION}")
+        found = StoreGeometry.from_json(header[_GEOMETRY_OFFSET : _GEOMETRY_OFFSET + length].decode())
+        if found != geometry:
+            os.close(fd)
+            diff = ", ".join(f"{f.name}={getattr(found, f.name)!r} (expected {getattr(geometry, f.name)!r})"
+                             for f in dataclasses.fields(geometry)
+                             if getattr(found, f.name) != getattr(geometry, f.name))
+            raise StoreError(f"segment {path} has another geometry: {diff}")
+        segment = cls(path, fd, geometry, ring_entries)
+        segment._control[OWNER_PID] = os.getpid()
+        return segment
+
+    @staticmethod
+    def _owner_of(path: str) -> int:
+        with open(path, "rb") as f:
+            header = f.read(HEADER_BYTES)
+        if len(header) < _CONTROL_OFFSET + 32:
+            return 0
+        return struct.unpack_from("<q", header, _CONTROL_OFFSET + 8 * OWNER_PID)[0]
+
+    def _write_header(self, instance_id: str) -> None:
+        geometry = self.geometry.to_json().encode()
+        if _GEOMETRY_OFFSET + len(geometry) > HEADER_BYTES:
+            raise StoreError("geometry does not fit the segment header")
+        _PREAMBLE.pack_into(self._map, 0, MAGIC, FORMAT_VERSION, self.ring_entries, len(geometry))
+        self._map[_GEOMETRY_OFFSET : _GEOMETRY_OFFSET + len(geometry)] = geometry
+        self._control[OWNER_PID] = os.getpid()
+
+    def pin(self) -> None:
+        """Register the mapping with CUDA so device-to-host copies into it run asynchronously."""
+        if torch.cuda.is_available() and not self._pinned:
+            err = torch.cuda.cudart().cudaHostRegister(self.table.data_ptr() - self._offsets["table"],
+                                                       self.size_bytes, 0)
+            if int(err) != 0:
+                raise StoreError(f"cudaHostRegister of {self.path} failed with error {int(err)}")
+            self._pinned = True
+
+    def close(self, unlink: bool = False) -> None:
+        """Unmap; ``unlink`` also deletes the segment (normal shutdown)."""
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.table.data_ptr() - self._offsets["table"])
+            self._pinned = False
+        self._control[OWNER_PID] = 0
+        del self._control, self.slot_steps, self.slot_crcs, self.table, self.ring_meta, self.ring
+        self._view.release()
+        self._map.close()
+        if unlink:
+            os.unlink(self.path)
+
+    # -- control words ---------------------------------------------------------------------------
+    def control(self, word: int) -> int:
+        return int(self._control[word])
+
+    def set_control(self, word: int, value: int) -> None:
+        self._control[word] = value
+
+    @property
+    def watermark(self) -> int:
+        """The last step whose parity is entirely in the table."""
+        return self.control(WATERMARK)
+
+    # -- records ---------------------------------------------------------------------------------
+    def write_records(self, step: int, slots: torch.Tensor, parity: torch.Tensor) -> None:
+        """Store one step's parity rows for distinct ``slots`` and mark them durable at ``step``."""
+        self.slot_steps[slots] = 0
+        self.table[slots] = parity
+        record, base = self.geometry.record_bytes, self._offsets["table"]
+        self.slot_crcs[slots] = torch.tensor(
+            [_record_crc(step, s, self._view[base + s * record : base + (s + 1) * record])
+             for s in slots.tolist()], dtype=torch.int64)
+        self.slot_steps[slots] = step
+
+    def invalidate(self, slots: torch.Tensor) -> None:
+        """Forget the parity of ``slots`` (they were freed or rewritten without protection)."""
+        self.slot_steps[slots] = 0
+
+    def read(self, slots: torch.Tensor) -> ReadResult:
+        """Copies of the records of ``slots``; only durable, CRC-valid ones are marked usable."""
+        slots = torch.as_tensor(slots, dtype=torch.int64)
+        steps = self.slot_steps[slots].clone()
+        parity = self.table[slots].clone()
+        usable = (steps > 0) & (steps <= self.watermark)
+        corrupt = []
+        for i, (slot, step) in enumerate(zip(slots.tolist(), steps.tolist())):
+            if usable[i] and _record_crc(step, slot, memoryview(parity[i].numpy())) != int(
+                self.slot_crcs[slot]
+            ):
+                usable[i] = False
+                corrupt.append(slot)
+        return ReadResult(parity, steps, usable, corrupt)
+
+    def durable_slots(self) -> torch.Tensor:
+        """Slots holding a record at or below the watermark (CRCs are checked on ``read``)."""
+        steps = self.slot_steps
+        return torch.nonzero((steps > 0) & (steps <= self.watermark)).flatten()
+
+    def pending(self) -> list[tuple[int, int]]:
+        """(step, slot) of the staged records the drain had not yet written: not durable."""
+        head, tail = self.control(RING_HEAD), self.control(RING_TAIL)
+        return [tuple(self.ring_meta[pos % self.ring_entries].tolist()) for pos in range(tail, head)]
