@@ -1,0 +1,243 @@
+"""Host parity store and drain, with plain processes (no SGLang)."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import store_writer
+import torch
+
+from ghostserve_sglang.store import ParityDrain, ParitySegment, StoreError, StoreGeometry
+from ghostserve_sglang.store.segment import OWNER_PID
+
+GEOMETRY = StoreGeometry("xor", 2, 1, "bfloat16", 6, 16, 2, 1024)
+
+
+@pytest.fixture
+def instance():
+    """A fresh instance id; every segment it named is removed afterwards."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+    for path in Path("/dev/shm").glob(f"ghostserve-{name}*"):
+        path.unlink()
+
+
+def rows(step: int, slots: torch.Tensor, geometry: StoreGeometry = GEOMETRY) -> torch.Tensor:
+    return torch.randint(0, 256, (len(slots), geometry.record_bytes), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(step))
+
+
+def test_record_size_is_m_over_n_of_the_kv_and_whole_kv_for_replicate():
+    kv_bytes = 2 * 6 * 16 * 2  # K and V, 6 heads of 16 bf16 values, per slot per layer
+    assert GEOMETRY.record_bytes == 2 * kv_bytes // 2  # two layers, m/N = 1/2
+    assert StoreGeometry("rs", 4, 2, "bfloat16", 6, 16, 2, 8).record_bytes == 2 * 2 * kv_bytes // 4
+    assert StoreGeometry("replicate", 4, 4, "bfloat16", 6, 16, 2, 8).record_bytes == 2 * kv_bytes
+
+
+def test_sigkilled_writer_leaves_durable_records_readable(instance):
+    durable, staged = 12, 3
+    writer = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("store_writer.py")), instance, str(durable), str(staged)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "READY"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    segment = ParitySegment.attach(instance, 0, store_writer.GEOMETRY)
+    assert segment.watermark == durable
+    expected_step = {}
+    for step in range(1, durable + 1):
+        for slot in store_writer.step_slots(step).tolist():
+            expected_step[slot] = step
+    result = segment.read(torch.arange(store_writer.GEOMETRY.slots))
+    assert result.corrupt == []
+    usable = torch.nonzero(result.usable).flatten().tolist()
+    assert sorted(usable) == sorted(expected_step)
+    for slot in usable:
+        step = expected_step[slot]
+        want = store_writer.payload(step, torch.tensor([slot]))[0]
+        assert int(result.steps[slot]) == step and torch.equal(result.parity[slot], want)
+    staged_records = [(step, slot) for step in range(durable + 1, durable + staged + 1)
+                      for slot in store_writer.step_slots(step).tolist()]
+    assert segment.pending() == staged_records  # staged, never drained: reported as not durable
+    segment.close(unlink=True)
+
+
+def test_flipped_bytes_fail_the_checksum_and_are_never_handed_out(instance):
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=64)
+    drain = ParityDrain(segment).start()
+    slots = torch.arange(0, 200, 7)
+    drain.submit(1, slots, rows(1, slots))
+    drain.stop()
+    victim = int(slots[3])
+    offset = segment.table[victim].data_ptr() - segment.table.data_ptr() + segment._offsets["table"] + 5
+    with open(segment.path, "r+b") as f:
+        byte = os.pread(f.fileno(), 1, offset)[0]
+        os.pwrite(f.fileno(), bytes([byte ^ 0x10]), offset)
+    result = segment.read(slots)
+    assert result.corrupt == [victim]
+    assert result.usable.tolist() == [s != victim for s in slots.tolist()]
+    segment.close(unlink=True)
+
+
+def test_attach_refuses_other_geometry_or_format_version_in_one_line(instance):
+    ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8).close()
+    other = StoreGeometry("xor", 2, 1, "bfloat16", 6, 16, 2, 2048)
+    with pytest.raises(StoreError) as err:
+        ParitySegment.attach(instance, 0, other)
+    assert "slots=1024 (expected 2048)" in str(err.value) and "\n" not in str(err.value)
+    path = f"/dev/shm/ghostserve-{instance}-rank0"
+    with open(path, "r+b") as f:
+        os.pwrite(f.fileno(), (99).to_bytes(4, "little"), 8)
+    with pytest.raises(StoreError) as err:
+        ParitySegment.attach(instance, 0, GEOMETRY)
+    assert "version 99" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_segments_are_private_and_instances_never_touch_each_other(instance):
+    a = ParitySegment.create(instance + "-a", 0, GEOMETRY, ring_entries=8)
+    b = ParitySegment.create(instance + "-b", 0, GEOMETRY, ring_entries=8)
+    assert os.stat(a.path).st_mode & 0o777 == 0o600
+    assert os.stat(b.path).st_mode & 0o777 == 0o600
+    drain = ParityDrain(a).start()
+    drain.submit(1, torch.arange(10), rows(1, torch.arange(10)))
+    drain.stop()
+    assert len(a.durable_slots()) == 10 and len(b.durable_slots()) == 0
+    # Same id again: refused by default, and never removed while its owner is alive.
+    with pytest.raises(StoreError, match="already exists"):
+        ParitySegment.create(instance + "-a", 0, GEOMETRY, ring_entries=8)
+    with pytest.raises(StoreError, match="alive"):
+        ParitySegment.create(instance + "-a", 0, GEOMETRY, ring_entries=8, existing="remove")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    a.set_control(OWNER_PID, int(dead.stdout))
+    a.close()
+    fresh = ParitySegment.create(instance + "-a", 0, GEOMETRY, ring_entries=8, existing="remove")
+    assert len(fresh.durable_slots()) == 0
+    assert os.path.exists(b.path) and b.control(OWNER_PID) == os.getpid()
+    fresh.close(unlink=True)
+    b.close(unlink=True)
+    assert not os.path.exists(fresh.path) and not os.path.exists(b.path)
+
+
+def test_reattach_by_flag_recovers_the_records(instance):
+    segment = ParitySegment.create(instance, 1, GEOMETRY, ring_entries=8)
+    drain = ParityDrain(segment).start()
+    drain.submit(1, torch.arange(5), rows(1, torch.arange(5)))
+    drain.stop()
+    segment.close()
+    again = ParitySegment.create(instance, 1, GEOMETRY, ring_entries=8, existing="attach")
+    assert again.watermark == 1 and again.read(torch.arange(5)).usable.all()
+    again.close(unlink=True)
+
+
+def test_freed_slots_lose_their_parity_even_when_a_record_is_still_staged(instance):
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=64)
+    drain = ParityDrain(segment).start()
+    drain.submit(1, torch.tensor([1, 2, 3]), rows(1, torch.tensor([1, 2, 3])))
+    assert drain.flush(5)
+    drain.invalidate(torch.tensor([1]))
+    drain.pause()
+    drain.submit(2, torch.tensor([2, 4]), rows(2, torch.tensor([2, 4])))
+    drain.invalidate(torch.tensor([4]))  # freed while its record waits in the ring
+    drain.resume()
+    drain.stop()
+    result = segment.read(torch.tensor([1, 2, 3, 4]))
+    assert result.usable.tolist() == [False, True, True, False]
+    assert result.steps.tolist()[1:3] == [2, 1]
+    segment.close(unlink=True)
+
+
+def test_full_ring_drops_protection_when_asked_and_counts_it(instance):
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
+    drain = ParityDrain(segment, stall_timeout_s=0.01, on_full="drop").start()
+    drain.pause()
+    slots = torch.arange(20)
+    drain.submit(1, slots, rows(1, slots))
+    counters = drain.counters()
+    assert (counters.stalls, counters.drops, counters.dropped_records) == (1, 1, 12)
+    assert counters.lag_steps == 1
+    drain.resume()
+    drain.stop()
+    assert segment.watermark == 1
+    assert segment.read(slots).usable.tolist() == [True] * 8 + [False] * 12
+    segment.close(unlink=True)
+
+
+def test_full_ring_blocks_the_producer_by_default_until_the_drain_catches_up(instance):
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
+    drain = ParityDrain(segment, stall_timeout_s=0.01).start()
+    drain.pause()
+    slots = torch.arange(20)
+    producer = threading.Thread(target=drain.submit, args=(1, slots, rows(1, slots)))
+    producer.start()
+    producer.join(0.3)
+    assert producer.is_alive()  # blocked on the full ring, nothing dropped
+    drain.resume()
+    producer.join(10)
+    drain.stop()
+    counters = drain.counters()
+    assert counters.stalls >= 1 and counters.drops == 0 and counters.lag_steps == 0
+    assert segment.read(slots).usable.all()
+    segment.close(unlink=True)
+
+
+def test_bad_input_is_refused_in_one_line(instance):
+    cases = [
+        lambda: ParitySegment.create("a/b", 0, GEOMETRY, ring_entries=8),
+        lambda: ParitySegment.create(instance, 0, GEOMETRY, ring_entries=0),
+        lambda: ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8, existing="maybe"),
+        lambda: StoreGeometry("xor", 2, 1, "float64", 6, 16, 2, 8),
+        lambda: StoreGeometry("xor", 2, 1, "float16", 6, 16, 0, 8),
+    ]
+    for case in cases:
+        with pytest.raises(StoreError) as err:
+            case()
+        assert "\n" not in str(err.value) and "allowed" in str(err.value)
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
+    with pytest.raises(StoreError):
+        ParityDrain(segment, on_full="sometimes")
+    drain = ParityDrain(segment).start()
+    drain.submit(3, torch.arange(2), rows(3, torch.arange(2)))
+    with pytest.raises(StoreError, match="step 3 is not after"):
+        drain.submit(3, torch.arange(2), rows(3, torch.arange(2)))
+    with pytest.raises(StoreError, match="expected"):
+        drain.submit(4, torch.arange(2), torch.zeros(2, 5, dtype=torch.uint8))
+    drain.stop()
+    segment.close(unlink=True)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def test_a_million_slot_writes_keep_segment_size_and_memory_flat(instance):
+    geometry = StoreGeometry("xor", 2, 1, "float16", 1, 8, 1, 4096)
+    segment = ParitySegment.create(instance, 0, geometry, ring_entries=2048)
+    size = os.stat(segment.path).st_size
+    drain = ParityDrain(segment).start()
+    gen = torch.Generator().manual_seed(0)
+    payload = torch.randint(0, 256, (1000, geometry.record_bytes), dtype=torch.uint8, generator=gen)
+    rss_warm = None
+    for step in range(1, 1001):
+        slots = torch.randperm(geometry.slots, generator=gen)[:1000]
+        drain.submit(step, slots, payload)
+        if step % 50 == 0:
+            drain.invalidate(slots[:100])
+        if step == 100:
+            drain.flush()
+            rss_warm = rss_bytes()
+    drain.stop()
+    counters = drain.counters()
+    assert counters.records_drained == 1_000_000
+    assert os.stat(segment.path).st_size == size
+    assert rss_bytes() - rss_warm < 16 << 20
+    segment.close(unlink=True)
