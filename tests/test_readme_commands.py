@@ -33,3 +33,9 @@ def test_codec_benchmark_prints_a_row_per_geometry_backend_and_op():
     assert {"torch", "isal"} <= backends
     assert len(rows) == 9 * 2 * len(backends)
     assert "command: python benchmarks/codec_bench.py --sizes 64KiB" in out
+
+
+def test_drain_benchmark_reports_throughput_ratio_and_lag():
+    out = run("benchmarks/drain_bench.py", "--seconds", "0.3", "--rate", "50")
+    assert "throughput:" in out and "ratio" in out
+    assert "p50" in out and "p99" in out and "drops 0" in out

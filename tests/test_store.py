@@ -42,10 +42,9 @@ def test_record_size_is_m_over_n_of_the_kv_and_whole_kv_for_replicate():
 
 def test_sigkilled_writer_leaves_durable_records_readable(instance):
     durable, staged = 12, 3
-    writer = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("store_writer.py")), instance, str(durable), str(staged)],
-        stdout=subprocess.PIPE, text=True,
-    )
+    script = Path(__file__).with_name("store_writer.py")
+    writer = subprocess.Popen([sys.executable, str(script), instance, str(durable), str(staged)],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "READY"
     finally:

@@ -23,6 +23,7 @@ import zlib
 
 import torch
 
+from ..codec.backends.isal import load_library
 from .geometry import StoreError, StoreGeometry
 
 FORMAT_VERSION = 1
@@ -58,8 +59,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _record_crc(step: int, slot: int, payload: memoryview) -> int:
-    return zlib.crc32(payload, zlib.crc32(struct.pack("<qq", step, slot)))
+def _record_crc(step: int, slot: int, payload: torch.Tensor) -> int:
+    """CRC-32 (the zlib/gzip polynomial) of a record's step, slot and parity bytes; through ISA-L's
+    SIMD implementation when it is installed (about 3x zlib's speed here), zlib otherwise."""
+    seed = zlib.crc32(struct.pack("<qq", step, slot))
+    lib = load_library()
+    if lib is None:
+        return zlib.crc32(memoryview(payload.numpy()), seed)
+    return lib.crc32_gzip_refl(seed, payload.data_ptr(), payload.numel())
 
 
 @dataclasses.dataclass
@@ -94,7 +101,6 @@ class ParitySegment:
                              f"{self.size_bytes}; it is damaged")
         self._map = mmap.mmap(fd, self.size_bytes)
         os.close(fd)
-        self._view = memoryview(self._map)
         buf = torch.frombuffer(self._map, dtype=torch.uint8)
         o = self._offsets
         self._control = buf[_CONTROL_OFFSET : _CONTROL_OFFSET + 64].view(torch.int64)
@@ -192,7 +198,6 @@ class ParitySegment:
             self._pinned = False
         self._control[OWNER_PID] = 0
         del self._control, self.slot_steps, self.slot_crcs, self.table, self.ring_meta, self.ring
-        self._view.release()
         self._map.close()
         if unlink:
             os.unlink(self.path)
@@ -213,11 +218,11 @@ class ParitySegment:
     def write_records(self, step: int, slots: torch.Tensor, parity: torch.Tensor) -> None:
         """Store one step's parity rows for distinct ``slots`` and mark them durable at ``step``."""
         self.slot_steps[slots] = 0
-        self.table[slots] = parity
-        record, base = self.geometry.record_bytes, self._offsets["table"]
-        self.slot_crcs[slots] = torch.tensor(
-            [_record_crc(step, s, self._view[base + s * record : base + (s + 1) * record])
-             for s in slots.tolist()], dtype=torch.int64)
+        crcs = []
+        for slot, row in zip(slots.tolist(), parity):
+            self.table[slot].copy_(row)
+            crcs.append(_record_crc(step, slot, self.table[slot]))
+        self.slot_crcs[slots] = torch.tensor(crcs, dtype=torch.int64)
         self.slot_steps[slots] = step
 
     def invalidate(self, slots: torch.Tensor) -> None:
@@ -232,7 +237,7 @@ class ParitySegment:
         usable = (steps > 0) & (steps <= self.watermark)
         corrupt = []
         for i, (slot, step) in enumerate(zip(slots.tolist(), steps.tolist())):
-            if usable[i] and _record_crc(step, slot, memoryview(parity[i].numpy())) != int(
+            if usable[i] and _record_crc(step, slot, parity[i]) != int(
                 self.slot_crcs[slot]
             ):
                 usable[i] = False

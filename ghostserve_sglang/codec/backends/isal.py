@@ -41,6 +41,8 @@ def load_library() -> ctypes.CDLL | None:
         lib.ec_encode_data.restype = None
         lib.xor_gen.argtypes = [ctypes.c_int, ctypes.c_int, ptrs]
         lib.xor_gen.restype = ctypes.c_int
+        lib.crc32_gzip_refl.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint64]
+        lib.crc32_gzip_refl.restype = ctypes.c_uint32
         return lib
     return None
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device check for the codec, for a machine with one CUDA GPU (well under 8 minutes).
+# Device checks for the codec and the host store, for a machine with one CUDA GPU (well under 8 minutes).
 # Runs the Triton kernels compiled for the GPU against the torch reference on the GPU, then the codec
 # benchmark on the device (Triton and torch next to device memcpy). Uses the machine's own torch and
 # Triton; writes its outputs under ${OUT:-results/gpu}.
@@ -11,3 +11,4 @@ python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; pr
 PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests/test_codec_triton.py 2>&1 | tee "$out/codec-triton-tests.log"
 PYTHONPATH=. python3 benchmarks/codec_bench.py --device cuda --backends triton,torch 2>/dev/null \
   | tee "$out/codec-gpu.md"
+PYTHONPATH=. python3 tests/gpu/store_check.py | tee "$out/store-gpu.log"
