@@ -21,4 +21,5 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/codec_bench.py
+	$(PY) benchmarks/drain_bench.py
 
