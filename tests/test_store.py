@@ -84,6 +84,7 @@ def test_flipped_bytes_fail_the_checksum_and_are_never_handed_out(instance):
     result = segment.read(slots)
     assert result.corrupt == [victim]
     assert result.usable.tolist() == [s != victim for s in slots.tolist()]
+    assert drain.counters().checksum_failures == 1
     segment.close(unlink=True)
 
 

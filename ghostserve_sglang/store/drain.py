@@ -35,6 +35,7 @@ class DrainCounters:
     stall_seconds: float = 0.0
     drops: int = 0
     dropped_records: int = 0
+    checksum_failures: int = 0
     lag_steps: int = 0
     lag_seconds: float = 0.0
 
@@ -171,6 +172,7 @@ class ParityDrain:
     def counters(self) -> DrainCounters:
         with self._cv:
             snapshot = dataclasses.replace(self._counters)
+            snapshot.checksum_failures = self.segment.checksum_failures
             snapshot.lag_steps = self._last_step - self.segment.watermark
             snapshot.lag_seconds = time.monotonic() - self._steps[0][2] if self._steps else 0.0
             return snapshot

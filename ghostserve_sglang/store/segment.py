@@ -111,6 +111,7 @@ class ParitySegment:
         self.ring_meta = meta.view(ring_entries, 2)
         self.ring = buf[o["ring"] : o["ring"] + record * ring_entries].view(ring_entries, record)
         self._pinned = False
+        self.checksum_failures = 0  # records refused by ``read`` since this process mapped the segment
 
     # -- lifecycle ------------------------------------------------------------------------------
     @classmethod
@@ -242,6 +243,7 @@ class ParitySegment:
             ):
                 usable[i] = False
                 corrupt.append(slot)
+        self.checksum_failures += len(corrupt)
         return ReadResult(parity, steps, usable, corrupt)
 
     def durable_slots(self) -> torch.Tensor:
