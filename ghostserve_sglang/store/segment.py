@@ -94,14 +94,16 @@ class ParitySegment:
         self._offsets["ring_meta"] = _align(self._offsets["table"] + record * geometry.slots)
         self._offsets["ring"] = _align(self._offsets["ring_meta"] + 16 * ring_entries)
         self.size_bytes = _align(self._offsets["ring"] + record * ring_entries)
-        if os.fstat(fd).st_size == 0:
+        found_bytes = os.fstat(fd).st_size
+        if found_bytes == 0:
             os.ftruncate(fd, self.size_bytes)
-        elif os.fstat(fd).st_size != self.size_bytes:
-            raise StoreError(f"segment {path} is {os.fstat(fd).st_size} bytes, its header implies "
+        elif found_bytes != self.size_bytes:
+            raise StoreError(f"segment {path} is {found_bytes} bytes, its header implies "
                              f"{self.size_bytes}; it is damaged")
         self._map = mmap.mmap(fd, self.size_bytes)
         os.close(fd)
         buf = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._address = buf.data_ptr()
         o = self._offsets
         self._control = buf[_CONTROL_OFFSET : _CONTROL_OFFSET + 64].view(torch.int64)
         slot_words = buf[o["slots"] : o["slots"] + 16 * geometry.slots].view(torch.int64).view(-1, 2)
@@ -186,8 +188,7 @@ class ParitySegment:
     def pin(self) -> None:
         """Register the mapping with CUDA so device-to-host copies into it run asynchronously."""
         if torch.cuda.is_available() and not self._pinned:
-            err = torch.cuda.cudart().cudaHostRegister(self.table.data_ptr() - self._offsets["table"],
-                                                       self.size_bytes, 0)
+            err = torch.cuda.cudart().cudaHostRegister(self._address, self.size_bytes, 0)
             if int(err) != 0:
                 raise StoreError(f"cudaHostRegister of {self.path} failed with error {int(err)}")
             self._pinned = True
@@ -195,7 +196,7 @@ class ParitySegment:
     def close(self, unlink: bool = False) -> None:
         """Unmap; ``unlink`` also deletes the segment (normal shutdown)."""
         if self._pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.table.data_ptr() - self._offsets["table"])
+            torch.cuda.cudart().cudaHostUnregister(self._address)
             self._pinned = False
         self._control[OWNER_PID] = 0
         del self._control, self.slot_steps, self.slot_crcs, self.table, self.ring_meta, self.ring
