@@ -1,0 +1,63 @@
+"""``ghostserve status`` and ``ghostserve scrub``: ask a running server about its protection."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .control import ControlError, call
+
+
+def _instance(args: argparse.Namespace) -> str:
+    return args.instance_id or os.environ.get("GHOSTSERVE_INSTANCE_ID") or str(args.port)
+
+
+def _print_status(reply: dict) -> None:
+    print(f"instance {reply['instance_id']}")
+    columns = ("rank", "code", "step", "durable_watermark", "lag_steps", "live_slots", "protected_slots",
+               "parity_bytes_in_use", "host_bytes", "stalls", "drops", "checksum_failures", "errors")
+    print("  ".join(columns))
+    for rank in reply["ranks"]:
+        print("  ".join(str(rank[c]).rjust(len(c)) for c in columns))
+
+
+def _print_scrub(reply: dict) -> None:
+    ratio = reply["parity_to_kv"]
+    print(f"instance {reply['instance_id']} at step {reply['step']}: {reply['live_slots']} live slots, "
+          f"{reply['matching']} matching, {reply['mismatching']} mismatching, "
+          f"{reply['not_durable']} not yet durable, {reply['corrupt']} failed checksum; host parity is "
+          f"{'n/a' if ratio is None else f'{ratio:.3f}'} of their KV bytes ({reply['seconds']:.2f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ghostserve", description=__doc__)
+    parser.add_argument("--instance-id", default=None, help="the server's --ghost-instance-id "
+                        "(default: GHOSTSERVE_INSTANCE_ID, else the --port value)")
+    parser.add_argument("--port", type=int, default=30000, help="the server's port, when the instance "
+                        "id was left at its default")
+    parser.add_argument("--json", action="store_true", help="print the reply as JSON")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the reply")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="per rank: code, protected slots, durable watermark, lag, host bytes")
+    scrub = sub.add_parser("scrub", help="recompute parity from the live KV of every rank and compare it "
+                           "with the host store; exit 1 on any mismatch")
+    scrub.add_argument("--no-wait", action="store_true", help="do not wait for the drain to catch up "
+                       "first (slots after the watermark count as not yet durable)")
+    args = parser.parse_args(argv)
+    request_args = {"wait": not args.no_wait} if args.command == "scrub" else {}
+    try:
+        reply = call(_instance(args), args.command, request_args, timeout_s=args.timeout)
+    except ControlError as exc:
+        print(f"ghostserve: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        (_print_status if args.command == "status" else _print_scrub)(reply)
+    return 1 if args.command == "scrub" and reply["mismatching"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

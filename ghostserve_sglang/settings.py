@@ -1,0 +1,173 @@
+"""GhostServe's settings: one declarative table drives the ``--ghost-*`` flags, the ``GHOSTSERVE_*``
+environment variables that carry them into SGLang's spawned processes, and their validation.
+
+Every flag maps 1:1 to a variable (``--ghost-parity-shards`` <-> ``GHOSTSERVE_PARITY_SHARDS``). The
+launcher parses flags, validates them against the SGLang arguments and exports the variables; every
+scheduler process reads the same variables back with ``Settings.from_env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+
+CODES = ("xor", "rs", "replicate", "off")
+ON_FULL = ("block", "drop")
+EXISTING = ("remove", "fail", "attach")
+LOG_FORMATS = ("console", "json")
+ENV_PREFIX = "GHOSTSERVE_"
+
+
+class SettingsError(ValueError):
+    """A GhostServe setting or combination of settings is not allowed; one line says which."""
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true"):
+        return True
+    if value in ("0", "false"):
+        return False
+    raise ValueError("allowed: 1, 0, true, false")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[str], object]
+    default: object
+    help: str
+    choices: tuple[str, ...] | None = None
+    unit: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--ghost-" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS = (
+    Option("code", str, "xor", "erasure code of the KV parity; off runs SGLang unprotected", CODES),
+    Option("parity_shards", int, 1, "parity shards m (xor: 1; rs: 1 <= m < tp size; replicate: ignored)"),
+    Option("staging_mib", int, 64, "host staging ring per rank between capture and the parity table",
+           unit="MiB"),
+    Option("on_full", str, "block", "when staging is full past the stall timeout: block the step, or "
+           "drop protection of that step's slots (counted)", ON_FULL),
+    Option("stall_timeout_seconds", float, 0.05, "how long a full staging ring may stall a step before "
+           "--ghost-on-full applies", unit="s"),
+    Option("instance_id", str, "", "names this server's host parity segments and control socket; "
+           "default: the server port"),
+    Option("existing_store", str, "remove", "what to do with parity segments a dead server left "
+           "behind (a live owner's are never touched)", EXISTING),
+    Option("strict", _bool, False, "an error inside GhostServe stops the server (for tests) instead of "
+           "being counted and logged once"),
+    Option("allow_unsupported_sglang", _bool, False, "install the patches on an SGLang version that "
+           "patches/sglang.json does not declare"),
+    Option("log_format", str, "console", "GhostServe's log lines: console for people, json for machines",
+           LOG_FORMATS),
+)
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated settings; build with ``from_values``/``from_env`` (defaults come from ``OPTIONS``)."""
+
+    code: str
+    parity_shards: int
+    staging_mib: int
+    on_full: str
+    stall_timeout_seconds: float
+    instance_id: str
+    existing_store: str
+    strict: bool
+    allow_unsupported_sglang: bool
+    log_format: str
+
+    def __post_init__(self) -> None:
+        for option in OPTIONS:
+            value = getattr(self, option.name)
+            if option.choices and value not in option.choices:
+                raise SettingsError(f"{option.flag}={value} is not allowed; allowed: "
+                                    f"{', '.join(option.choices)}")
+        if self.parity_shards < 1:
+            raise SettingsError(f"--ghost-parity-shards={self.parity_shards} is not allowed; it must be >= 1")
+        if self.staging_mib < 1:
+            raise SettingsError(f"--ghost-staging-mib={self.staging_mib} is not allowed; it must be >= 1")
+        if not self.stall_timeout_seconds >= 0:
+            raise SettingsError(f"--ghost-stall-timeout-seconds={self.stall_timeout_seconds} is not "
+                                "allowed; it must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.code != "off"
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, str]) -> Settings:
+        """Parse text values keyed by option name; a bad one raises one line naming it."""
+        parsed = {o.name: o.default for o in OPTIONS}
+        for name, text in values.items():
+            option = _BY_NAME[name]
+            try:
+                parsed[name] = option.parse(text)
+            except ValueError as exc:
+                allowed = str(exc) if option.parse is _bool else f"it must be a {option.parse.__name__}"
+                raise SettingsError(f"{option.flag}={text} ({option.env}) is not allowed; {allowed}") from None
+        return cls(**parsed)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        return cls.from_values({o.name: environ[o.env] for o in OPTIONS if o.env in environ})
+
+    def to_env(self) -> dict[str, str]:
+        def text(value: object) -> str:
+            return ("1" if value else "0") if isinstance(value, bool) else str(value)
+
+        return {o.env: text(getattr(self, o.name)) for o in OPTIONS}
+
+    def check_topology(self, tp_size: int, pp_size: int = 1, dp_size: int = 1) -> None:
+        """Refuse a code that the server's parallel layout cannot carry."""
+        if not self.enabled:
+            return
+        if pp_size != 1 or dp_size != 1:
+            raise SettingsError(f"--pp-size={pp_size} --dp-size={dp_size} is not supported with "
+                                "--ghost-code; GhostServe protects one tensor-parallel group (pp=dp=1)")
+        m = self.parity_shards
+        if self.code == "xor" and m != 1:
+            raise SettingsError(f"--ghost-parity-shards={m} is not allowed with --ghost-code=xor; xor "
+                                "has exactly 1 parity shard (use rs for more)")
+        if self.code in ("xor", "rs") and m >= tp_size:
+            raise SettingsError(f"--ghost-parity-shards={m} is not allowed with --tp-size={tp_size}; "
+                                f"{self.code} needs fewer parity shards than ranks (use "
+                                "--ghost-code=replicate at this tp size)")
+        if self.code == "rs" and tp_size + m > 256:
+            raise SettingsError(f"--tp-size={tp_size} plus --ghost-parity-shards={m} is {tp_size + m}; "
+                                "rs over GF(2^8) allows at most 256 shards")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``--ghost-*`` group; values stay text and are parsed by ``Settings.from_values``."""
+    group = parser.add_argument_group("GhostServe", "KV-cache parity protection (each flag is also "
+                                      "read from the GHOSTSERVE_* variable named in its help)")
+    for option in OPTIONS:
+        unit = f" [{option.unit}]" if option.unit else ""
+        choices = f" {{{','.join(option.choices)}}}" if option.choices else ""
+        group.add_argument(option.flag, dest="ghost_" + option.name, default=None, metavar="VALUE",
+                           help=f"{option.help}{unit};{choices} default {option.default!r}; {option.env}")
+
+
+def from_arguments(namespace: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags win over the environment, which wins over defaults."""
+    environ = os.environ if environ is None else environ
+    values = {o.name: environ[o.env] for o in OPTIONS if o.env in environ}
+    for option in OPTIONS:
+        given = getattr(namespace, "ghost_" + option.name, None)
+        if given is not None:
+            values[option.name] = given
+    return Settings.from_values(values)

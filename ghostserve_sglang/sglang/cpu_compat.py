@@ -1,0 +1,74 @@
+"""What a stock SGLang 0.5.23 server needs to run on a CPU-only machine, and nothing more.
+
+Applied only on CPU: a ``vllm._custom_ops`` stand-in (SGLang's RotaryEmbedding imports
+``rotary_embedding`` from it when CUDA is absent; vllm is not a dependency) and, for TP > 1, the two
+environment settings SGLang reads in each scheduler: one OpenMP core list per rank, and an NCCL library
+path that does not exist so the pynccl communicator disables itself and collectives go over gloo.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+
+import torch
+
+MISSING_NCCL = "/nonexistent/ghostserve-cpu-has-no-nccl/libnccl.so.2"
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
+                     head_size: int, cos_sin_cache: torch.Tensor, is_neox: bool) -> None:
+    """Rotate ``query`` and ``key`` in place, as vllm's op does: the first ``cos_sin_cache.shape[-1]``
+    dims of each head, as two halves (neox) or interleaved pairs."""
+    rot = cos_sin_cache.shape[-1]
+    cos, sin = cos_sin_cache[positions.flatten().long()].float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    for x in (query, key):
+        if x is None:
+            continue
+        heads = x.view(positions.numel(), -1, head_size)[..., :rot]
+        if is_neox:
+            x1, x2 = heads[..., : rot // 2].float(), heads[..., rot // 2 :].float()
+        else:
+            x1, x2 = heads[..., 0::2].float(), heads[..., 1::2].float()
+        o1, o2 = (x1 * cos - x2 * sin).to(x.dtype), (x2 * cos + x1 * sin).to(x.dtype)
+        if is_neox:
+            heads[..., : rot // 2], heads[..., rot // 2 :] = o1, o2
+        else:
+            heads[..., 0::2], heads[..., 1::2] = o1, o2
+
+
+def needs_rotary_standin() -> bool:
+    if torch.cuda.is_available() or "vllm" in sys.modules:
+        return False
+    return importlib.util.find_spec("vllm") is None
+
+
+def install_rotary_standin() -> bool:
+    """Register the stand-in module when this process runs SGLang on CPU without vllm."""
+    if not needs_rotary_standin():
+        return False
+    package = types.ModuleType("vllm")
+    package.__path__ = []
+    ops = types.ModuleType("vllm._custom_ops")
+    ops.rotary_embedding = rotary_embedding
+    package._custom_ops = ops
+    sys.modules["vllm"], sys.modules["vllm._custom_ops"] = package, ops
+    return True
+
+
+def tp_environment(tp_size: int, cores: list[int] | None = None) -> dict[str, str]:
+    """SGLang's CPU settings for ``tp_size`` ranks: cores split evenly, or shared round-robin when
+    there are fewer cores than ranks."""
+    if tp_size <= 1:
+        return {}
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+    if len(cores) >= tp_size:
+        per = len(cores) // tp_size
+        lists = [cores[i * per : (i + 1) * per] for i in range(tp_size)]
+    else:
+        lists = [[cores[i % len(cores)]] for i in range(tp_size)]
+    bind = "|".join(",".join(map(str, group)) for group in lists)
+    return {"SGLANG_CPU_OMP_THREADS_BIND": bind, "SGLANG_NCCL_SO_PATH": MISSING_NCCL}

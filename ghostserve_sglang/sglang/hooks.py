@@ -1,0 +1,143 @@
+"""The wrappers the patch table installs. Each is thin: call SGLang's method unchanged, then tell this
+process's Protector what happened. Positional arguments are read only where the declared signature
+(patches/sglang.json) fixes them.
+
+A failure inside GhostServe's part of a wrapper is counted and logged once and never reaches SGLang,
+unless strict mode is on; a failure of SGLang's own method always propagates untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import structlog
+import torch
+
+from ..control import ControlRequest
+from ..settings import Settings
+
+log = structlog.get_logger("ghostserve.hooks")
+
+
+@dataclasses.dataclass
+class State:
+    settings: Settings | None = None
+    protector: object | None = None  # Protector, created at scheduler init
+    errors: dict = dataclasses.field(default_factory=dict)
+
+
+STATE = State()
+
+
+def _guarded(where: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:
+        if STATE.settings is None or STATE.settings.strict:
+            raise
+        STATE.errors[where] = STATE.errors.get(where, 0) + 1
+        if STATE.errors[where] == 1:
+            log.error("ghostserve hook failed; SGLang continues, protection may be incomplete",
+                      where=where, error=repr(exc), exc_info=exc)
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str):
+    return kwargs[name] if name in kwargs else args[index]
+
+
+def scheduler_init(wrapped, instance, args, kwargs):
+    """Every rank starts its Protector once the scheduler (and its model runner) exist. Failing to
+    start protection that was asked for stops the server: it must not run unprotected silently."""
+    wrapped(*args, **kwargs)
+    if STATE.settings is None or not STATE.settings.enabled or STATE.protector is not None:
+        return
+    from sglang.srt.runtime_context import get_parallel
+
+    from .protector import Protector
+
+    instance_id = STATE.settings.instance_id or str(instance.server_args.port)
+    STATE.protector = Protector(STATE.settings, instance.tp_worker.model_runner, instance_id,
+                                get_parallel().tp_group)
+
+
+def pull_raw_reqs(wrapped, instance, args, kwargs):
+    """Rank 0 adds pending control requests to what it pulled; SGLang's broadcast carries them."""
+    reqs = wrapped(*args, **kwargs)
+    protector = STATE.protector
+    if reqs is not None and protector is not None and protector.control is not None:
+        reqs.extend(protector.control.take())
+    return reqs
+
+
+def process_input_requests(wrapped, instance, args, kwargs):
+    """Every rank takes the control requests out of the broadcast and handles them at this point."""
+    reqs = _arg(args, kwargs, 0, "recv_reqs")
+    controls = [r for r in reqs if isinstance(r, ControlRequest)]
+    if not controls:
+        return wrapped(*args, **kwargs)
+    rest = [r for r in reqs if not isinstance(r, ControlRequest)]
+    if "recv_reqs" in kwargs:
+        kwargs = {**kwargs, "recv_reqs": rest}
+    else:
+        args = (rest, *args[1:])
+    result = wrapped(*args, **kwargs)
+    protector = STATE.protector
+    for request in controls:
+        try:
+            reply = protector.run_control(request)
+        except Exception as exc:
+            if STATE.settings.strict:
+                raise
+            reply = {"error": f"{request.op} failed on rank {protector.rank}: {exc!r}"}
+        if protector.control is not None:
+            protector.control.reply(request.request_id, reply)
+    return result
+
+
+def model_forward(wrapped, instance, args, kwargs):
+    output = wrapped(*args, **kwargs)
+    protector = STATE.protector
+    if protector is not None and instance is protector.model_runner:
+        _guarded("capture", protector.after_forward, _arg(args, kwargs, 0, "forward_batch"))
+    return output
+
+
+def _ours(allocator) -> bool:
+    protector = STATE.protector
+    return protector is not None and getattr(allocator, "_kvcache", None) is protector.kv.pool
+
+
+def token_free(wrapped, instance, args, kwargs):
+    """A free outside a free group takes effect now; inside one it is repeated by ``free_group_end``."""
+    effective = instance.free_group is None
+    result = wrapped(*args, **kwargs)
+    if effective and _ours(instance):
+        _guarded("free", STATE.protector.on_free, _arg(args, kwargs, 0, "free_index"))
+    return result
+
+
+def release_page_ids(wrapped, instance, args, kwargs):
+    """The paged allocator's single choke point for freed pages."""
+    result = wrapped(*args, **kwargs)
+    if _ours(instance) and args:
+        pages = torch.cat([p.to("cpu", torch.int64).flatten() for p in args])
+        slots = (pages[:, None] * instance.page_size + torch.arange(instance.page_size)).flatten()
+        _guarded("free", STATE.protector.on_free, slots)
+    return result
+
+
+def pool_load_cpu_copy(wrapped, instance, args, kwargs):
+    """KV loaded back from host (retracted requests) is a write outside a forward step."""
+    result = wrapped(*args, **kwargs)
+    protector = STATE.protector
+    if protector is not None and instance is protector.kv.pool:
+        _guarded("load_cpu_copy", protector.record_write, _arg(args, kwargs, 1, "indices"))
+    return result
+
+
+def pool_move_kv_cache(wrapped, instance, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    protector = STATE.protector
+    if protector is not None and instance is protector.kv.pool:
+        _guarded("move_kv_cache", protector.record_write, _arg(args, kwargs, 0, "tgt_loc"))
+    return result

@@ -1,0 +1,74 @@
+"""Byte views of SGLang's KV pool: gather the K and V rows of given slots from every layer, and the
+set of slots the allocator holds live."""
+
+from __future__ import annotations
+
+import torch
+
+from ..store.geometry import DTYPES
+
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class KVView:
+    """One rank's MHA KV pool seen as bytes: slot s in layer l is K bytes then V bytes."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        k0 = pool.k_buffer[0]
+        if k0.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"KV dtype {k0.dtype} is not supported; supported: {', '.join(DTYPES)}")
+        self.dtype_name = _DTYPE_NAMES[k0.dtype]
+        self.layers = len(pool.k_buffer)
+        self.slots = k0.shape[0]
+        self.heads = k0.shape[1]
+        self.head_dim = k0.shape[2]
+        self.half_bytes = self.heads * self.head_dim * k0.element_size()
+
+    @property
+    def slot_layer_bytes(self) -> int:
+        return 2 * self.half_bytes
+
+    def _rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.pool.k_buffer[layer], self.pool.v_buffer[layer]
+        return k.view(torch.uint8).view(self.slots, -1), v.view(torch.uint8).view(self.slots, -1)
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """[len(slots), layers, slot_layer_bytes] uint8 copy of the slots' K and V bytes."""
+        slots = slots.to(self.pool.k_buffer[0].device, torch.int64)
+        out = torch.empty((len(slots), self.layers, self.slot_layer_bytes), dtype=torch.uint8,
+                          device=slots.device)
+        half = self.half_bytes
+        for layer in range(self.layers):
+            k, v = self._rows(layer)
+            out[:, layer, :half] = k.index_select(0, slots)
+            out[:, layer, half:] = v.index_select(0, slots)
+        return out
+
+    def scatter(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write ``rows`` (as returned by ``gather``) back into the pool at ``slots``."""
+        slots = slots.to(self.pool.k_buffer[0].device, torch.int64)
+        half = self.half_bytes
+        for layer in range(self.layers):
+            k, v = self._rows(layer)
+            k[slots] = rows[:, layer, :half]
+            v[slots] = rows[:, layer, half:]
+
+
+def live_slots(allocator, total_slots: int) -> torch.Tensor:
+    """Slots that hold KV someone may read: allocated and not yet freed. Slot 0 (SGLang's padding
+    slot) never counts."""
+    page = getattr(allocator, "page_size", 1)
+    free_pages = [allocator.free_pages]
+    for name in ("release_pages",):
+        extra = getattr(allocator, name, None)
+        if extra is not None:
+            free_pages.append(extra)
+    free_pages.extend(getattr(allocator, "staged_pages", None) or [])
+    free = torch.cat([p.to("cpu", torch.int64) for p in free_pages])
+    live = torch.ones(total_slots, dtype=torch.bool)
+    live[:page] = False  # page 0 holds the padding slot
+    if len(free):
+        free_slots = (free[:, None] * page + torch.arange(page)).flatten()
+        live[free_slots[free_slots < total_slots]] = False
+    return torch.nonzero(live).flatten()

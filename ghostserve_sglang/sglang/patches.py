@@ -1,0 +1,137 @@
+"""The patch layer: one table of SGLang targets drives both install and uninstall.
+
+Supported SGLang versions and the exact signatures of the patched methods are data
+(``patches/sglang.json``); anything else is refused before a method is touched, unless the operator
+overrides it. Install is idempotent and all-or-nothing: a failure half-way restores what was wrapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import inspect
+import json
+import pathlib
+from collections.abc import Callable
+
+import structlog
+import wrapt
+
+from . import hooks
+
+log = structlog.get_logger("ghostserve.patches")
+
+SPEC_PATH = pathlib.Path(__file__).resolve().parents[2] / "patches" / "sglang.json"
+
+
+class PatchError(RuntimeError):
+    """The installed SGLang is not one GhostServe can patch; one line says what differs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    module: str
+    qualname: str  # "Class.method"
+    wrapper: Callable
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.qualname}"
+
+    def owner(self) -> tuple[type, str]:
+        cls_name, attr = self.qualname.split(".")
+        return getattr(importlib.import_module(self.module), cls_name), attr
+
+
+TARGETS = (
+    Target("sglang.srt.managers.scheduler", "Scheduler.__init__", hooks.scheduler_init),
+    Target("sglang.srt.managers.scheduler", "Scheduler.process_input_requests", hooks.process_input_requests),
+    Target("sglang.srt.managers.scheduler_components.request_receiver",
+           "SchedulerRequestReceiver._pull_raw_reqs", hooks.pull_raw_reqs),
+    Target("sglang.srt.model_executor.model_runner", "ModelRunner.forward", hooks.model_forward),
+    Target("sglang.srt.mem_cache.allocator.token", "TokenToKVPoolAllocator.free", hooks.token_free),
+    Target("sglang.srt.mem_cache.allocator.paged", "PagedTokenToKVPoolAllocator._release_page_ids",
+           hooks.release_page_ids),
+    Target("sglang.srt.mem_cache.memory_pool", "MHATokenToKVPool.load_cpu_copy", hooks.pool_load_cpu_copy),
+    Target("sglang.srt.mem_cache.memory_pool", "MHATokenToKVPool.move_kv_cache", hooks.pool_move_kv_cache),
+)
+
+
+def load_spec(path: pathlib.Path = SPEC_PATH) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise PatchError(f"cannot read the supported-version declarations {path}: {exc.strerror}") from None
+
+
+def sglang_version() -> str:
+    return importlib.metadata.version("sglang")
+
+
+def check_supported(spec: dict | None = None, version: str | None = None) -> None:
+    """Raise PatchError unless this SGLang version is declared and every target has its declared
+    signature."""
+    spec = load_spec() if spec is None else spec
+    version = sglang_version() if version is None else version
+    if version not in spec["sglang_versions"]:
+        raise PatchError(f"sglang {version} is not supported; supported: {', '.join(spec['sglang_versions'])}"
+                         " (--ghost-allow-unsupported-sglang=1 installs anyway)")
+    for target in TARGETS:
+        expected = spec["signatures"].get(target.key)
+        found = signature_of(target)
+        if expected != found:
+            raise PatchError(f"sglang {version}: {target.key}{found} differs from the declared "
+                             f"{expected} (--ghost-allow-unsupported-sglang=1 installs anyway)")
+
+
+def signature_of(target: Target) -> str:
+    cls, attr = target.owner()
+    function = inspect.unwrap(cls.__dict__[attr]) if attr in cls.__dict__ else getattr(cls, attr)
+    if isinstance(function, wrapt.FunctionWrapper):
+        function = function.__wrapped__
+    return str(inspect.signature(function))
+
+
+class Patcher:
+    """Owns GhostServe's wraps of SGLang. ``install`` twice warns and does nothing; ``uninstall``
+    puts back exactly the attributes that were there."""
+
+    def __init__(self, targets: tuple[Target, ...] = TARGETS) -> None:
+        self.targets = targets
+        self._saved: list[tuple[type, str, object]] = []
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._saved)
+
+    def install(self, allow_unsupported: bool = False) -> None:
+        if self.installed:
+            log.warning("patches already installed")
+            return
+        if not allow_unsupported:
+            check_supported()
+        saved = []
+        try:
+            for target in self.targets:
+                cls, attr = target.owner()
+                saved.append((cls, attr, cls.__dict__[attr]))
+                wrapt.wrap_function_wrapper(cls, attr, target.wrapper)
+        except Exception:
+            for cls, attr, original in reversed(saved):
+                setattr(cls, attr, original)
+            raise
+        self._saved = saved
+        log.info("patches installed", targets=len(saved), sglang=sglang_version())
+
+    def uninstall(self) -> None:
+        if not self.installed:
+            log.warning("patches not installed")
+            return
+        for cls, attr, original in reversed(self._saved):
+            setattr(cls, attr, original)
+        self._saved = []
+        log.info("patches uninstalled")
+
+
+PATCHER = Patcher()

@@ -1,0 +1,35 @@
+"""SGLang plugin entry point (group ``sglang.srt.plugins``).
+
+SGLang calls ``load`` first thing in every process it starts, scheduler processes included, so the
+patches exist where the KV pool lives whether the server was started by ``ghostserve_sglang.launch`` or
+by ``python -m sglang.launch_server`` with ``GHOSTSERVE_*`` set. Without ``GHOSTSERVE_CODE`` in the
+environment it does nothing at all.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import logs
+from ..settings import Settings, SettingsError
+from . import cpu_compat, hooks
+from .patches import PATCHER, PatchError
+
+
+def load() -> None:
+    if "GHOSTSERVE_CODE" not in os.environ:
+        return
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        raise SystemExit(f"ghostserve: error: {exc}") from None
+    logs.configure(settings.log_format)
+    cpu_compat.install_rotary_standin()
+    if not settings.enabled:
+        return
+    hooks.STATE.settings = settings
+    try:
+        PATCHER.install(allow_unsupported=settings.allow_unsupported_sglang)
+    except PatchError as exc:
+        # SystemExit passes SGLang's plugin loader, which logs and swallows ordinary exceptions.
+        raise SystemExit(f"ghostserve: error: {exc}") from None

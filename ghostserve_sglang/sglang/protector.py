@@ -1,0 +1,232 @@
+"""One scheduler rank's protection: capture each step's KV writes, exchange columns across the TP group,
+encode parity and hand it to the drain; answer control requests.
+
+The scheduler thread only gathers the written slots' bytes and queues them. A worker thread owns
+everything collective (the column all-to-all and the control requests' gathers) on a dedicated group,
+so SGLang's own collectives never interleave with ours, and it handles queued steps, frees and control
+requests strictly in the order the scheduler issued them, which is the same on every rank.
+
+Parity placement (DESIGN §4): each rank's bytes of a slot-layer are cut into N column chunks; rank j
+receives chunk j of every rank, encodes m parity chunks and keeps them in its own host segment as
+``[layers, m, column_bytes]`` per slot. ``replicate`` keeps the rank's own bytes, no exchange.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import time
+
+import structlog
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..codec import new_code
+from ..control import ControlRequest, ControlServer
+from ..settings import Settings
+from ..store.drain import ParityDrain
+from ..store.geometry import StoreGeometry
+from ..store.segment import ParitySegment
+from .kv import KVView, live_slots
+
+log = structlog.get_logger("ghostserve.protector")
+
+QUEUE_STEPS = 64  # steps captured but not yet encoded before the scheduler waits
+
+
+class Protector:
+    def __init__(self, settings: Settings, model_runner, instance_id: str, tp_group) -> None:
+        self.settings = settings
+        self.instance_id = instance_id
+        self.model_runner = model_runner
+        self.allocator = model_runner.token_to_kv_pool_allocator
+        self.kv = KVView(model_runner.token_to_kv_pool)
+        self.rank, self.ranks = tp_group.rank_in_group, tp_group.world_size
+        code = settings.code
+        parity_shards = self.ranks if code == "replicate" else settings.parity_shards
+        self.geometry = StoreGeometry(code, self.ranks, parity_shards, self.kv.dtype_name, self.kv.heads,
+                                      self.kv.head_dim, self.kv.layers, self.kv.slots)
+        self.codec = new_code(code, self.ranks, parity_shards)
+        self.device = self.kv.pool.k_buffer[0].device
+        # Our own groups: control collectives over gloo; the column exchange over gloo on CPU and over a
+        # separate NCCL communicator on GPU. Created by every rank at the same point (scheduler init).
+        self.group = dist.new_group(tp_group.ranks, backend="gloo") if self.ranks > 1 else None
+        self.exchange_group = self.group
+        if self.ranks > 1 and self.device.type == "cuda" and code != "replicate":
+            self.exchange_group = dist.new_group(tp_group.ranks, backend="nccl")
+        ring_entries = max(1, settings.staging_mib * 2**20 // self.geometry.record_bytes)
+        self.segment = ParitySegment.create(instance_id, self.rank, self.geometry, ring_entries,
+                                            existing=settings.existing_store)
+        self.drain = ParityDrain(self.segment, settings.stall_timeout_seconds, settings.on_full).start()
+        self.step = 0
+        self.errors: dict[str, int] = {}
+        self._failure: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_STEPS)
+        self._stream = torch.cuda.Stream() if self.device.type == "cuda" else None
+        self._worker = threading.Thread(target=self._work, name="ghostserve-encode", daemon=True)
+        self._worker.start()
+        self.control = ControlServer(instance_id) if self.rank == 0 else None
+        atexit.register(self.close)
+        log.info("protection started", rank=self.rank, step=0, code=code, ranks=self.ranks,
+                 parity_shards=parity_shards, record_bytes=self.geometry.record_bytes,
+                 slots=self.kv.slots, segment=self.segment.path, ring_entries=ring_entries)
+
+    # -- scheduler thread --------------------------------------------------------------------------
+    def after_forward(self, forward_batch) -> None:
+        """Queue the slots this forward wrote, with a copy of their bytes taken now."""
+        loc = getattr(forward_batch, "out_cache_loc", None)
+        if loc is None or loc.numel() == 0:
+            return
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return  # graph capture: the replay runs this method again with real slots
+        self.record_write(loc)
+
+    def record_write(self, slots: torch.Tensor) -> None:
+        """Slots whose KV was just (re)written by any path: protect them as one step."""
+        self.raise_failure()
+        self.step += 1
+        rows = self.kv.gather(slots)
+        event = None
+        if self._stream is not None:
+            event = torch.cuda.Event()
+            event.record()
+        self._queue.put(("step", self.step, slots.clone(), rows, event))
+
+    def on_free(self, slots: torch.Tensor) -> None:
+        self.raise_failure()
+        self._queue.put(("free", slots.clone()))
+
+    def run_control(self, request: ControlRequest) -> dict:
+        """Run a control request after every step queued before it; the same on every rank."""
+        handler = {"status": self._status, "scrub": self._scrub}[request.op]
+        box: queue.Queue = queue.Queue(maxsize=1)
+        self._queue.put(("call", lambda: handler(**request.args), box))
+        result = box.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def raise_failure(self) -> None:
+        if self._failure is not None and self.settings.strict:
+            raise RuntimeError(f"GhostServe worker failed: {self._failure!r}") from self._failure
+
+    def close(self) -> None:
+        if self._worker.is_alive():
+            self._queue.put(("stop",))
+            self._worker.join(timeout=30)
+        self.drain.stop(flush=False)
+        self.segment.close(unlink=True)
+        if self.control is not None:
+            self.control.close()
+
+    # -- worker thread -----------------------------------------------------------------------------
+    def _work(self) -> None:
+        stream = torch.cuda.stream(self._stream) if self._stream is not None else None
+        if stream is not None:
+            stream.__enter__()
+        while True:
+            item = self._queue.get()
+            kind = item[0]
+            if kind == "stop":
+                return
+            try:
+                if kind == "step":
+                    _, step, slots, rows, event = item
+                    if event is not None:
+                        torch.cuda.current_stream().wait_event(event)
+                    keep = slots.cpu() != 0  # slot 0 takes padded tokens' writes; never live
+                    slots, rows = slots.cpu()[keep], rows[keep.to(rows.device)]
+                    self.drain.submit(step, slots, self.encode(rows))
+                elif kind == "free":
+                    self.drain.invalidate(item[1].cpu())
+                elif kind == "call":
+                    try:
+                        item[2].put(item[1]())
+                    except Exception as exc:  # answered to the caller, who raises it
+                        item[2].put(exc)
+            except Exception as exc:
+                self._failure = exc
+                self.count_error("worker", exc)
+
+    def count_error(self, where: str, exc: BaseException) -> None:
+        """Errors inside GhostServe are counted; the first of each kind is logged with its traceback."""
+        self.errors[where] = self.errors.get(where, 0) + 1
+        if self.errors[where] == 1:
+            log.error("ghostserve error; protection of affected slots is lost", where=where,
+                      rank=self.rank, step=self.step, error=repr(exc), exc_info=exc)
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's parity records ``[n, record_bytes]`` for the slots whose bytes are ``rows``
+        (``[n, layers, slot_layer_bytes]``, the same slots on every rank). Collective for xor and rs."""
+        n, layers, width = rows.shape
+        if self.geometry.code == "replicate":
+            return rows.reshape(n, -1)
+        ranks, column = self.ranks, self.geometry.column_bytes
+        if n == 0:
+            return rows.new_empty((0, self.geometry.record_bytes))
+        padded = F.pad(rows, (0, ranks * column - width)) if ranks * column != width else rows
+        send = padded.view(n, layers, ranks, column).permute(2, 0, 1, 3).contiguous()
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.exchange_group)
+        parity = self.codec.encode(list(received.unbind(0)))  # m x [n, layers, column]
+        return torch.stack(parity, dim=2).reshape(n, -1)
+
+    # -- control requests (worker thread, collective) ----------------------------------------------
+    def _gather(self, value: dict) -> list[dict]:
+        if self.group is None:
+            return [value]
+        values: list = [None] * self.ranks
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
+    def _status(self) -> dict:
+        self.drain.flush(timeout_s=0)
+        counters = self.drain.counters()
+        live = live_slots(self.allocator, self.kv.slots)
+        durable = self.segment.durable_slots()
+        protected = int(torch.isin(live, durable).sum())
+        mine = {
+            "rank": self.rank, "code": self.geometry.code, "parity_shards": self.geometry.parity_shards,
+            "step": self.step, "durable_watermark": self.segment.watermark,
+            "lag_steps": counters.lag_steps, "lag_seconds": counters.lag_seconds,
+            "live_slots": len(live), "protected_slots": protected,
+            "parity_bytes_in_use": len(durable) * self.geometry.record_bytes,
+            "host_bytes": self.segment.size_bytes, "record_bytes": self.geometry.record_bytes,
+            "bytes_drained": counters.bytes_drained, "stalls": counters.stalls, "drops": counters.drops,
+            "checksum_failures": counters.checksum_failures, "errors": sum(self.errors.values()),
+        }
+        return {"instance_id": self.instance_id, "ranks": self._gather(mine)}
+
+    def _scrub(self, wait: bool = True) -> dict:
+        """Recompute parity from the live KV of every rank and compare it with the host store."""
+        started = time.monotonic()
+        if wait:
+            self.drain.flush()
+        live = live_slots(self.allocator, self.kv.slots)
+        expected = self.encode(self.kv.gather(live)).cpu()
+        stored = self.segment.read(live)
+        status = torch.zeros(len(live), dtype=torch.int64)  # 0 match, 1 not durable, 2 mismatch
+        status[~stored.usable] = 1
+        differs = (stored.parity != expected).any(dim=1) if len(live) else stored.usable
+        status[stored.usable & differs] = 2
+        if stored.corrupt:
+            status[torch.isin(live, torch.tensor(stored.corrupt))] = 2
+        if self.group is not None:
+            dist.all_reduce(status, op=dist.ReduceOp.MAX, group=self.group)
+        protected = int((status == 0).sum())
+        kv_bytes = protected * self.kv.layers * self.kv.slot_layer_bytes * self.ranks
+        per_rank = self._gather({"bytes": protected * self.geometry.record_bytes, "corrupt": len(stored.corrupt)})
+        parity_bytes = sum(r["bytes"] for r in per_rank)
+        result = {
+            "instance_id": self.instance_id, "step": self.step, "live_slots": len(live),
+            "matching": protected, "mismatching": int((status == 2).sum()),
+            "not_durable": int((status == 1).sum()), "corrupt": sum(r["corrupt"] for r in per_rank),
+            "kv_bytes": kv_bytes, "parity_bytes": parity_bytes,
+            "parity_to_kv": parity_bytes / kv_bytes if kv_bytes else None,
+            "seconds": time.monotonic() - started,
+        }
+        log.info("scrub", rank=self.rank, step=self.step, **{k: v for k, v in result.items()
+                                                             if k not in ("instance_id", "step")})
+        return result
