@@ -18,8 +18,10 @@ import urllib.request
 
 from . import logs, settings
 from .settings import SettingsError
+from .control import socket_path
 from .sglang import cpu_compat
 from .sglang.patches import PatchError, check_supported
+from .store import remove_orphans
 
 
 def _fail(message: object) -> None:
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.launch_server import run_server
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
 
     server_args = prepare_server_args(sglang_argv)
     try:
@@ -94,7 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     if chosen.enabled:
         threading.Thread(target=_announce_when_ready, args=(server_args.host, server_args.port, instance_id),
                          daemon=True).start()
-    run_server(server_args)
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+        for path in remove_orphans(instance_id) if chosen.enabled else []:
+            print(f"ghostserve: removed {path}", file=sys.stderr)
+        stale_socket = socket_path(instance_id)
+        if chosen.enabled and os.path.exists(stale_socket):
+            os.unlink(stale_socket)
 
 
 if __name__ == "__main__":

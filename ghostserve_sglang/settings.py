@@ -13,9 +13,9 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 
+from .store import EXISTING, ON_FULL
+
 CODES = ("xor", "rs", "replicate", "off")
-ON_FULL = ("block", "drop")
-EXISTING = ("remove", "fail", "attach")
 LOG_FORMATS = ("console", "json")
 ENV_PREFIX = "GHOSTSERVE_"
 
@@ -71,6 +71,7 @@ OPTIONS = (
     Option("log_format", str, "console", "GhostServe's log lines: console for people, json for machines",
            LOG_FORMATS),
 )
+_KINDS = {int: "an integer", float: "a number", str: "text"}
 _BY_NAME = {option.name: option for option in OPTIONS}
 
 
@@ -116,7 +117,7 @@ class Settings:
             try:
                 parsed[name] = option.parse(text)
             except ValueError as exc:
-                allowed = str(exc) if option.parse is _bool else f"it must be a {option.parse.__name__}"
+                allowed = str(exc) if option.parse is _bool else f"it must be {_KINDS[option.parse]}"
                 raise SettingsError(f"{option.flag}={text} ({option.env}) is not allowed; {allowed}") from None
         return cls(**parsed)
 

@@ -126,6 +126,14 @@ def release_page_ids(wrapped, instance, args, kwargs):
     return result
 
 
+def allocator_clear(wrapped, instance, args, kwargs):
+    """A cleared allocator (flush_cache) frees every slot at once."""
+    result = wrapped(*args, **kwargs)
+    if _ours(instance):
+        _guarded("free", STATE.protector.on_free, torch.arange(STATE.protector.kv.slots))
+    return result
+
+
 def pool_load_cpu_copy(wrapped, instance, args, kwargs):
     """KV loaded back from host (retracted requests) is a write outside a forward step."""
     result = wrapped(*args, **kwargs)

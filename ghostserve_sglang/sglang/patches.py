@@ -51,8 +51,10 @@ TARGETS = (
            "SchedulerRequestReceiver._pull_raw_reqs", hooks.pull_raw_reqs),
     Target("sglang.srt.model_executor.model_runner", "ModelRunner.forward", hooks.model_forward),
     Target("sglang.srt.mem_cache.allocator.token", "TokenToKVPoolAllocator.free", hooks.token_free),
+    Target("sglang.srt.mem_cache.allocator.token", "TokenToKVPoolAllocator.clear", hooks.allocator_clear),
     Target("sglang.srt.mem_cache.allocator.paged", "PagedTokenToKVPoolAllocator._release_page_ids",
            hooks.release_page_ids),
+    Target("sglang.srt.mem_cache.allocator.paged", "PagedTokenToKVPoolAllocator.clear", hooks.allocator_clear),
     Target("sglang.srt.mem_cache.memory_pool", "MHATokenToKVPool.load_cpu_copy", hooks.pool_load_cpu_copy),
     Target("sglang.srt.mem_cache.memory_pool", "MHATokenToKVPool.move_kv_cache", hooks.pool_move_kv_cache),
 )

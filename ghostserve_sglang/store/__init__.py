@@ -2,9 +2,9 @@
 
 from .drain import ON_FULL, DrainCounters, ParityDrain
 from .geometry import StoreError, StoreGeometry
-from .segment import EXISTING, ParitySegment, ReadResult, segment_path
+from .segment import EXISTING, ParitySegment, ReadResult, remove_orphans, segment_path
 
 __all__ = [
     "EXISTING", "ON_FULL", "DrainCounters", "ParityDrain", "ParitySegment", "ReadResult", "StoreError",
-    "StoreGeometry", "segment_path",
+    "StoreGeometry", "remove_orphans", "segment_path",
 ]

@@ -43,6 +43,20 @@ def segment_path(instance_id: str, rank: int) -> str:
     return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-rank{rank}")
 
 
+def remove_orphans(instance_id: str) -> list[str]:
+    """Delete the instance's segments whose owner process is gone (the server has stopped); a segment
+    with a live owner is kept. Returns the paths removed."""
+    prefix = os.path.basename(segment_path(instance_id, 0))[: -len("0")]
+    removed = []
+    for name in sorted(os.listdir(SHM_DIR)):
+        path = os.path.join(SHM_DIR, name)
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            if not _pid_alive(ParitySegment._owner_of(path)):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
 def _align(n: int) -> int:
     return (n + 63) // 64 * 64
 

@@ -1,0 +1,101 @@
+"""A real SGLang server started through ``python -m ghostserve_sglang.launch`` on the bundled tiny model,
+on CPU, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+from ghostserve_sglang.models import TINY_LLAMA
+
+CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+             "--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.1"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, port: int, process: subprocess.Popen, log_path: str) -> None:
+        self.port, self.process, self.log_path = port, process, log_path
+        self.url = f"http://127.0.0.1:{port}"
+
+    def generate(self, input_ids: list[int], max_new_tokens: int, timeout_s: float = 600) -> dict:
+        body = {"input_ids": input_ids, "sampling_params": {
+            "max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}
+        return self.post("/generate", body, timeout_s)
+
+    def post(self, path: str, body: dict | None = None, timeout_s: float = 600) -> dict:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body or {}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            text = response.read().decode()
+        return json.loads(text) if text.strip().startswith(("{", "[")) else {"text": text}
+
+    def ghostserve(self, *args: str) -> subprocess.CompletedProcess:
+        """Run the ``ghostserve`` CLI against this server."""
+        return subprocess.run([sys.executable, "-m", "ghostserve_sglang.cli", "--port", str(self.port),
+                               *args], capture_output=True, text=True, timeout=600)
+
+    def control(self, op: str) -> dict:
+        done = self.ghostserve("--json", op)
+        assert done.returncode in (0, 1), done.stderr
+        return json.loads(done.stdout)
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+
+@contextlib.contextmanager
+def launched(tp_size: int, ghost_args: list[str], extra: list[str] = (), log_dir: str = "/tmp",
+             max_total_tokens: int = 8192, start_timeout_s: float = 400,
+             plain_sglang_env: dict[str, str] | None = None) -> Iterator[Server]:
+    """A server from our launcher with ``ghost_args``; or, with ``plain_sglang_env``, from
+    ``python -m sglang.launch_server`` with those GHOSTSERVE_* variables set."""
+    port = free_port()
+    log_path = os.path.join(log_dir, f"ghostserve-server-{port}.log")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTSERVE_")}
+    module = "ghostserve_sglang.launch"
+    if plain_sglang_env is not None:
+        module = "sglang.launch_server"
+        env.update(plain_sglang_env)
+    command = [sys.executable, "-m", module, "--model-path", str(TINY_LLAMA),
+               *CPU_FLAGS, "--tp-size", str(tp_size), "--port", str(port),
+               "--max-total-tokens", str(max_total_tokens), *extra, *ghost_args]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = Server(port, process, log_path)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready in {start_timeout_s} s:\n{server.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(server.url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,65 @@
+"""``python -m ghostserve_sglang.launch``: flags, environment, and refusals before SGLang starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from ghostserve_sglang import launch, settings
+from ghostserve_sglang.models import TINY_LLAMA
+from ghostserve_sglang.settings import OPTIONS, Settings, SettingsError
+from ghostserve_sglang.sglang import patches
+
+BASE = ["--model-path", str(TINY_LLAMA), "--device", "cpu", "--load-format", "dummy", "--skip-tokenizer-init"]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--ghost-code", "raid5"], "--ghost-code=raid5"),
+    (["--tp-size", "2", "--ghost-parity-shards", "2"], "--ghost-parity-shards=2"),
+    (["--tp-size", "2", "--ghost-code", "rs", "--ghost-parity-shards", "2"], "--tp-size=2"),
+    (["--tp-size", "1"], "--tp-size=1"),
+    (["--tp-size", "250", "--ghost-code", "rs", "--ghost-parity-shards", "7"], "257"),
+    (["--tp-size", "2", "--ghost-parity-shards", "0"], "--ghost-parity-shards=0"),
+    (["--tp-size", "2", "--ghost-strict", "yes"], "--ghost-strict=yes"),
+    (["--tp-size", "2", "--ghost-staging-mib", "lots"], "--ghost-staging-mib=lots"),
+    (["--tp-size", "2", "--ghost-on-full", "panic"], "--ghost-on-full=panic"),
+    (["--tp-size", "2", "--dp-size", "2"], "--dp-size=2"),
+])
+def test_invalid_settings_fail_fast_with_one_line(flags, named, capsys):
+    with pytest.raises(SystemExit) as exited:
+        launch.main(BASE + flags)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("ghostserve: error: ") and named in err
+
+
+def test_unsupported_sglang_fails_fast_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(patches, "sglang_version", lambda: "0.4.0")
+    with pytest.raises(SystemExit):
+        launch.main(BASE + ["--tp-size", "2"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sglang 0.4.0 is not supported" in err
+
+
+def test_help_shows_sglang_and_ghostserve_flags(capsys):
+    launch.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--tp-size" in out and "--model-path" in out
+    for option in OPTIONS:
+        assert option.flag in out and option.env in out
+
+
+def test_every_flag_maps_to_one_environment_variable():
+    chosen = Settings.from_values({"code": "rs", "parity_shards": "2", "strict": "true", "instance_id": "a"})
+    assert Settings.from_env(chosen.to_env()) == chosen
+    assert {o.env for o in OPTIONS} == set(chosen.to_env())
+    assert all(o.env == "GHOSTSERVE_" + o.flag[len("--ghost-"):].replace("-", "_").upper() for o in OPTIONS)
+
+
+def test_flags_win_over_environment():
+    parser = __import__("argparse").ArgumentParser()
+    settings.add_arguments(parser)
+    namespace = parser.parse_args(["--ghost-code", "replicate"])
+    chosen = settings.from_arguments(namespace, {"GHOSTSERVE_CODE": "rs", "GHOSTSERVE_STAGING_MIB": "8"})
+    assert (chosen.code, chosen.staging_mib) == ("replicate", 8)
+    with pytest.raises(SettingsError, match="GHOSTSERVE_STRICT"):
+        Settings.from_env({"GHOSTSERVE_STRICT": "2"})

@@ -1,0 +1,157 @@
+"""The patch layer and its helpers against SGLang's real classes, in this process (no server)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import wrapt
+from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+from ghostserve_sglang.settings import Settings
+from ghostserve_sglang.sglang import cpu_compat, hooks, patches
+from ghostserve_sglang.sglang.kv import KVView, live_slots
+from ghostserve_sglang.sglang.patches import TARGETS, Patcher, PatchError, Target
+
+
+def make_pool(size: int = 64, heads: int = 3, head_dim: int = 8, layers: int = 2):
+    pool = MHATokenToKVPool(size, page_size=1, dtype=torch.bfloat16, head_num=heads, head_dim=head_dim,
+                            layer_num=layers, device="cpu", enable_memory_saver=False,
+                            enable_alt_stream=False)
+    allocator = TokenToKVPoolAllocator(size, dtype=torch.bfloat16, device="cpu", kvcache=pool,
+                                       need_sort=False)
+    return pool, allocator
+
+
+def originals() -> list[object]:
+    return [target.owner()[0].__dict__[target.owner()[1]] for target in TARGETS]
+
+
+@pytest.fixture
+def recorder():
+    """Stands in for the Protector (ours, not SGLang's): records what the hooks report."""
+    pool, allocator = make_pool()
+    freed: list[list[int]] = []
+    protector = types.SimpleNamespace(kv=types.SimpleNamespace(pool=pool, slots=65), model_runner=None,
+                                      control=None, on_free=lambda s: freed.append(sorted(s.tolist())))
+    hooks.STATE.settings, hooks.STATE.protector = Settings.from_values({"strict": "1"}), protector
+    yield allocator, freed
+    hooks.STATE.settings, hooks.STATE.protector = None, None
+
+
+def test_install_uninstall_install_restores_sglang_exactly(recorder):
+    allocator, freed = recorder
+    before = originals()
+    patcher = Patcher()
+    patcher.install()
+    assert all(isinstance(attr, wrapt.FunctionWrapper) for attr in originals())
+    allocator.free(allocator.alloc(3))
+    assert freed == [[1, 2, 3]]  # behaviour seen
+
+    patcher.uninstall()
+    assert all(now is was for now, was in zip(originals(), before))
+    allocator.free(allocator.alloc(2))
+    assert freed == [[1, 2, 3]]  # behaviour gone
+
+    patcher.install()
+    allocator.free(allocator.alloc(1))
+    assert len(freed) == 2
+    patcher.install()  # a second install warns and wraps nothing twice
+    assert all(not isinstance(attr.__wrapped__, wrapt.FunctionWrapper) for attr in originals())
+    patcher.uninstall()
+    assert all(now is was for now, was in zip(originals(), before))
+
+
+def test_grouped_frees_count_once_when_the_group_ends(recorder):
+    allocator, freed = recorder
+    patcher = Patcher()
+    patcher.install()
+    try:
+        slots = allocator.alloc(4)
+        allocator.free_group_begin()
+        allocator.free(slots[:2])
+        allocator.free(slots[2:])
+        assert freed == []
+        allocator.free_group_end()
+        assert freed == [[1, 2, 3, 4]]
+        allocator.clear()
+        assert freed[-1] == list(range(65))
+    finally:
+        patcher.uninstall()
+
+
+def test_unsupported_sglang_version_is_refused_before_anything_is_wrapped(monkeypatch):
+    before = originals()
+    monkeypatch.setattr(patches, "sglang_version", lambda: "0.4.0")
+    with pytest.raises(PatchError, match="0.4.0"):
+        Patcher().install()
+    assert all(now is was for now, was in zip(originals(), before))
+    Patcher().install(allow_unsupported=True)  # the operator's explicit override
+    assert all(isinstance(attr, wrapt.FunctionWrapper) for attr in originals())
+    for target, original in zip(TARGETS, before):
+        setattr(target.owner()[0], target.owner()[1], original)
+
+
+def test_changed_signature_is_refused():
+    spec = patches.load_spec()
+    key = TARGETS[0].key
+    spec["signatures"][key] = "(self, server_args, port_args, extra)"
+    with pytest.raises(PatchError, match="Scheduler.__init__"):
+        patches.check_supported(spec)
+
+
+def test_install_is_all_or_nothing():
+    before = originals()
+    broken = (*TARGETS, Target("sglang.srt.mem_cache.allocator.token", "TokenToKVPoolAllocator.nope",
+                               hooks.token_free))
+    with pytest.raises(KeyError):
+        Patcher(broken).install(allow_unsupported=True)
+    assert all(now is was for now, was in zip(originals(), before))
+
+
+def test_kv_view_gathers_and_scatters_bytes_of_every_layer():
+    pool, allocator = make_pool()
+    for layer in range(2):
+        pool.k_buffer[layer].copy_(torch.randn_like(pool.k_buffer[layer], dtype=torch.float32))
+        pool.v_buffer[layer].copy_(torch.randn_like(pool.v_buffer[layer], dtype=torch.float32))
+    view = KVView(pool)
+    assert (view.layers, view.slots, view.slot_layer_bytes) == (2, 65, 2 * 3 * 8 * 2)
+    slots = torch.tensor([5, 9, 1])
+    rows = view.gather(slots)
+    assert torch.equal(rows[1, 1, : view.half_bytes], pool.k_buffer[1][9].view(torch.uint8).flatten())
+    assert torch.equal(rows[2, 0, view.half_bytes :], pool.v_buffer[0][1].view(torch.uint8).flatten())
+    view.scatter(torch.tensor([20, 21, 22]), rows)
+    assert torch.equal(view.gather(torch.tensor([20, 21, 22])), rows)
+
+
+def test_live_slots_follow_the_allocator():
+    pool, allocator = make_pool()
+    assert live_slots(allocator, 65).tolist() == []
+    taken = allocator.alloc(5)
+    allocator.free(taken[1:3])
+    assert live_slots(allocator, 65).tolist() == [taken[0].item(), *taken[3:].tolist()]
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_cpu_rotary_standin_matches_sglang(neox):
+    cpu_compat.install_rotary_standin()
+    import vllm._custom_ops as ops
+
+    rope = RotaryEmbedding(16, 12, 64, 10000, neox, torch.float32)
+    positions = torch.tensor([0, 3, 17, 63])
+    query, key = torch.randn(4, 2 * 16), torch.randn(4, 3 * 16)
+    want_q, want_k = rope.forward_native(positions, query.clone(), key.clone())
+    ops.rotary_embedding(positions, query, key, 16, rope.cos_sin_cache, neox)  # in place
+    torch.testing.assert_close(query, want_q.view_as(query))
+    torch.testing.assert_close(key, want_k.view_as(key))
+
+
+def test_cpu_tp_environment_gives_each_rank_cores():
+    assert cpu_compat.tp_environment(1) == {}
+    env = cpu_compat.tp_environment(2, cores=[0, 1])
+    assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert cpu_compat.tp_environment(4, cores=[0, 1])["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1|0|1"
+    assert not __import__("os").path.exists(env["SGLANG_NCCL_SO_PATH"])
