@@ -6,6 +6,10 @@ VENV_ROOT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ghostserve-sglang
 VENV := $(VENV_ROOT)/venv-$(shell sha256sum pyproject.toml | cut -c1-16)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+RUN_PORT ?= 30000
+# A stock SGLang server on the bundled tiny model (random weights, requests send input_ids), on CPU.
+CPU_SERVER := --model-path ghostserve_sglang/models/tiny-llama --load-format dummy --skip-tokenizer-init \
+	--device cpu --attention-backend torch_native --disable-cuda-graph --max-total-tokens 8192 --host 127.0.0.1
 
 .PHONY: setup run test bench
 
@@ -13,7 +17,7 @@ setup:
 	@bash .ci/setup.sh "$(PYTHON)" "$(VENV)"
 
 run: setup
-	$(PY) -m ghostserve_sglang.codec.demo
+	$(PY) -m ghostserve_sglang.launch $(CPU_SERVER) --tp-size 2 --port $(RUN_PORT) --ghost-code xor
 
 test: setup
 	$(PY) -m ruff check .
@@ -22,4 +26,5 @@ test: setup
 bench: setup
 	$(PY) benchmarks/codec_bench.py
 	$(PY) benchmarks/drain_bench.py
+	$(PY) benchmarks/overhead_bench.py
 

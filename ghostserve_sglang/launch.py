@@ -52,12 +52,14 @@ def _announce_when_ready(host: str, port: int, instance_id: str) -> None:
         except OSError:
             pass
         time.sleep(1)
+    cli = os.path.join(sys.prefix, "bin", "ghostserve")
+    cli = cli if os.path.exists(cli) else "ghostserve"
     body = json.dumps({"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": 8,
                                                                        "temperature": 0}})
     print(f"\nGhostServe-protected SGLang server ready at {url}\n"
           f"  try:    curl -s {url}/generate -H 'Content-Type: application/json' -d '{body}'\n"
-          f"  status: ghostserve status --instance-id {instance_id}\n"
-          f"  check:  ghostserve scrub --instance-id {instance_id}\n", file=sys.stderr, flush=True)
+          f"  status: {cli} --instance-id {instance_id} status\n"
+          f"  check:  {cli} --instance-id {instance_id} scrub\n", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,3 +6,9 @@ import torch
 # kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    # SGLang and its kernel libraries warn on import about missing GPUs and their own deprecations.
+    for line in ("ignore::DeprecationWarning", "ignore::UserWarning:sglang.*", "ignore::UserWarning:flashinfer.*"):
+        config.addinivalue_line("filterwarnings", line)

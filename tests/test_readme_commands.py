@@ -1,8 +1,15 @@
 """The commands the README shows run and say what the README says they say."""
 
+import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from ghostserve_sglang.local_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +26,31 @@ def test_readme_opens_with_the_two_commands():
     assert [line.split("#")[0].strip() for line in block] == ["make run", "make test"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_make_run_serves_a_protected_tp2_server_and_prints_how_to_use_it(tmp_path):
+    port = free_port()
+    log_path = tmp_path / "make-run.log"
+    with open(log_path, "w") as log:
+        make = subprocess.Popen(["make", "run", f"RUN_PORT={port}"], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while "server ready at" not in log_path.read_text():
+            assert make.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(1)
+        banner = log_path.read_text().split("server ready at", 1)[1]
+        curl = re.search(r"try:\s+(curl .*)", banner).group(1)
+        reply = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True).stdout)
+        assert len(reply["output_ids"]) == 8
+        scrub = re.search(r"check:\s+(.*)", banner).group(1).split()
+        done = subprocess.run(scrub, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and " 0 mismatching" in done.stdout, done.stdout + done.stderr
+    finally:
+        os.killpg(make.pid, signal.SIGTERM)  # as Ctrl-C in a terminal: every process of the group
+        make.wait(timeout=120)
+    time.sleep(2)
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"ghostserve-{port}")]
 
 
 def test_codec_demo_rebuilds_lost_ranks_bit_exact():

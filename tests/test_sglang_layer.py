@@ -127,6 +127,17 @@ def test_kv_view_gathers_and_scatters_bytes_of_every_layer():
     assert torch.equal(view.gather(torch.tensor([20, 21, 22])), rows)
 
 
+def test_triton_gather_reads_the_same_bytes_as_torch():
+    pool, _ = make_pool(size=40, heads=3, head_dim=40)  # 240-byte halves: more than one block
+    for buffers in (pool.k_buffer, pool.v_buffer):
+        for b in buffers:
+            b.copy_(torch.randn_like(b, dtype=torch.float32))
+    view = KVView(pool)
+    slots = torch.tensor([33, 2, 17, 40])
+    assert torch.equal(view.gather(slots, use_triton=True), view.gather(slots, use_triton=False))
+    assert view.gather(torch.tensor([], dtype=torch.int64), use_triton=True).shape == (0, 2, view.slot_layer_bytes)
+
+
 def test_live_slots_follow_the_allocator():
     pool, allocator = make_pool()
     assert live_slots(allocator, 65).tolist() == []
@@ -152,6 +163,7 @@ def test_cpu_rotary_standin_matches_sglang(neox):
 def test_cpu_tp_environment_gives_each_rank_cores():
     assert cpu_compat.tp_environment(1) == {}
     env = cpu_compat.tp_environment(2, cores=[0, 1])
-    assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1" and env["OMP_NUM_THREADS"] == "1"
+    assert cpu_compat.tp_environment(2, cores=[0, 1, 2, 3])["OMP_NUM_THREADS"] == "2"
     assert cpu_compat.tp_environment(4, cores=[0, 1])["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1|0|1"
     assert not __import__("os").path.exists(env["SGLANG_NCCL_SO_PATH"])

@@ -33,9 +33,12 @@ class KVView:
         k, v = self.pool.k_buffer[layer], self.pool.v_buffer[layer]
         return k.view(torch.uint8).view(self.slots, -1), v.view(torch.uint8).view(self.slots, -1)
 
-    def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        """[len(slots), layers, slot_layer_bytes] uint8 copy of the slots' K and V bytes."""
+    def gather(self, slots: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
+        """[len(slots), layers, slot_layer_bytes] uint8 copy of the slots' K and V bytes; by a Triton
+        kernel on GPU, by torch on CPU."""
         slots = slots.to(self.pool.k_buffer[0].device, torch.int64)
+        if use_triton if use_triton is not None else slots.is_cuda:
+            return self._gather_triton(slots)
         out = torch.empty((len(slots), self.layers, self.slot_layer_bytes), dtype=torch.uint8,
                           device=slots.device)
         half = self.half_bytes
@@ -44,6 +47,16 @@ class KVView:
             out[:, layer, :half] = k.index_select(0, slots)
             out[:, layer, half:] = v.index_select(0, slots)
         return out
+
+    def _gather_triton(self, slots: torch.Tensor) -> torch.Tensor:
+        from . import gather_triton
+
+        buffers = (self.pool.k_buffer, self.pool.v_buffer)
+        key = tuple(b[0].data_ptr() for b in buffers)
+        if getattr(self, "_tables_key", None) != key:  # built once; rebuilt if the pool is reallocated
+            self._tables = [gather_triton.address_table(b) for b in buffers]
+            self._tables_key = key
+        return gather_triton.gather(*self._tables, slots, self.half_bytes, self.layers)
 
     def scatter(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Write ``rows`` (as returned by ``gather``) back into the pool at ``slots``."""

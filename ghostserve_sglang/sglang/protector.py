@@ -14,7 +14,9 @@ receives chunk j of every rank, encodes m parity chunks and keeps them in its ow
 from __future__ import annotations
 
 import atexit
+import os
 import queue
+import signal
 import threading
 import time
 
@@ -69,6 +71,8 @@ class Protector:
         self._worker.start()
         self.control = ControlServer(instance_id) if self.rank == 0 else None
         atexit.register(self.close)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._unlink_on(signum)
         log.info("protection started", rank=self.rank, step=0, code=code, ranks=self.ranks,
                  parity_shards=parity_shards, record_bytes=self.geometry.record_bytes,
                  slots=self.kv.slots, segment=self.segment.path, ring_entries=ring_entries)
@@ -112,14 +116,35 @@ class Protector:
         if self._failure is not None and self.settings.strict:
             raise RuntimeError(f"GhostServe worker failed: {self._failure!r}") from self._failure
 
+    def _unlink_on(self, signum: int) -> None:
+        """Stopping the server (SIGTERM, Ctrl-C) removes this rank's host files, then does what the
+        signal did before. A crash (SIGKILL) leaves them for recovery."""
+        previous = signal.getsignal(signum)
+
+        def handler(sig, frame):
+            self.unlink_files()
+            if callable(previous):
+                previous(sig, frame)
+            else:
+                signal.signal(sig, signal.SIG_DFL)
+                os.kill(os.getpid(), sig)
+
+        signal.signal(signum, handler)
+
+    def unlink_files(self) -> None:
+        for path in (self.segment.path, self.control.path if self.control else None):
+            if path and os.path.exists(path):
+                os.unlink(path)
+
     def close(self) -> None:
         if self._worker.is_alive():
             self._queue.put(("stop",))
             self._worker.join(timeout=30)
         self.drain.stop(flush=False)
-        self.segment.close(unlink=True)
+        self.segment.close()
         if self.control is not None:
             self.control.close()
+        self.unlink_files()
 
     # -- worker thread -----------------------------------------------------------------------------
     def _work(self) -> None:

@@ -1,5 +1,5 @@
 """A real SGLang server started through ``python -m ghostserve_sglang.launch`` on the bundled tiny model,
-on CPU, for tests and benchmarks."""
+for tests, benchmarks and trying GhostServe out."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 from ghostserve_sglang.models import TINY_LLAMA
 
-CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-             "--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.1"]
+COMMON_FLAGS = ["--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.1"]
+CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", *COMMON_FLAGS]
 
 
 def free_port() -> int:
@@ -61,7 +61,8 @@ class Server:
 @contextlib.contextmanager
 def launched(tp_size: int, ghost_args: list[str], extra: list[str] = (), log_dir: str = "/tmp",
              max_total_tokens: int = 8192, start_timeout_s: float = 400,
-             plain_sglang_env: dict[str, str] | None = None) -> Iterator[Server]:
+             plain_sglang_env: dict[str, str] | None = None, flags: list[str] = CPU_FLAGS,
+             ) -> Iterator[Server]:
     """A server from our launcher with ``ghost_args``; or, with ``plain_sglang_env``, from
     ``python -m sglang.launch_server`` with those GHOSTSERVE_* variables set."""
     port = free_port()
@@ -72,7 +73,7 @@ def launched(tp_size: int, ghost_args: list[str], extra: list[str] = (), log_dir
         module = "sglang.launch_server"
         env.update(plain_sglang_env)
     command = [sys.executable, "-m", module, "--model-path", str(TINY_LLAMA),
-               *CPU_FLAGS, "--tp-size", str(tp_size), "--port", str(port),
+               *flags, "--tp-size", str(tp_size), "--port", str(port),
                "--max-total-tokens", str(max_total_tokens), *extra, *ghost_args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
