@@ -17,8 +17,8 @@ import time
 import urllib.request
 
 from . import logs, settings
-from .settings import SettingsError
 from .control import socket_path
+from .settings import SettingsError
 from .sglang import cpu_compat
 from .sglang.patches import PatchError, check_supported
 from .store import remove_orphans

@@ -118,7 +118,8 @@ class Settings:
                 parsed[name] = option.parse(text)
             except ValueError as exc:
                 allowed = str(exc) if option.parse is _bool else f"it must be {_KINDS[option.parse]}"
-                raise SettingsError(f"{option.flag}={text} ({option.env}) is not allowed; {allowed}") from None
+                raise SettingsError(
+                    f"{option.flag}={text} ({option.env}) is not allowed; {allowed}") from None
         return cls(**parsed)
 
     @classmethod

@@ -10,5 +10,6 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     # SGLang and its kernel libraries warn on import about missing GPUs and their own deprecations.
-    for line in ("ignore::DeprecationWarning", "ignore::UserWarning:sglang.*", "ignore::UserWarning:flashinfer.*"):
+    for line in ("ignore::DeprecationWarning", "ignore::UserWarning:sglang.*",
+                 "ignore::UserWarning:flashinfer.*"):
         config.addinivalue_line("filterwarnings", line)

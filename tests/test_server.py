@@ -19,7 +19,7 @@ def mixed_requests(seed: int) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
     shared = [rng.randrange(3, 1000) for _ in range(96)]
     requests = []
-    for i in range(10):
+    for _ in range(10):
         suffix = [rng.randrange(3, 1000) for _ in range(rng.choice((3, 30, 150, 400)))]
         prefix = shared[: rng.choice((0, 48, 96))]
         requests.append((prefix + suffix, rng.randrange(4, 24)))

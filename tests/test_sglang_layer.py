@@ -135,7 +135,8 @@ def test_triton_gather_reads_the_same_bytes_as_torch():
     view = KVView(pool)
     slots = torch.tensor([33, 2, 17, 40])
     assert torch.equal(view.gather(slots, use_triton=True), view.gather(slots, use_triton=False))
-    assert view.gather(torch.tensor([], dtype=torch.int64), use_triton=True).shape == (0, 2, view.slot_layer_bytes)
+    empty = torch.tensor([], dtype=torch.int64)
+    assert view.gather(empty, use_triton=True).shape == (0, 2, view.slot_layer_bytes)
 
 
 def test_live_slots_follow_the_allocator():

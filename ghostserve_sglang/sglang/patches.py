@@ -46,7 +46,8 @@ class Target:
 
 TARGETS = (
     Target("sglang.srt.managers.scheduler", "Scheduler.__init__", hooks.scheduler_init),
-    Target("sglang.srt.managers.scheduler", "Scheduler.process_input_requests", hooks.process_input_requests),
+    Target("sglang.srt.managers.scheduler", "Scheduler.process_input_requests",
+           hooks.process_input_requests),
     Target("sglang.srt.managers.scheduler_components.request_receiver",
            "SchedulerRequestReceiver._pull_raw_reqs", hooks.pull_raw_reqs),
     Target("sglang.srt.model_executor.model_runner", "ModelRunner.forward", hooks.model_forward),
@@ -54,7 +55,8 @@ TARGETS = (
     Target("sglang.srt.mem_cache.allocator.token", "TokenToKVPoolAllocator.clear", hooks.allocator_clear),
     Target("sglang.srt.mem_cache.allocator.paged", "PagedTokenToKVPoolAllocator._release_page_ids",
            hooks.release_page_ids),
-    Target("sglang.srt.mem_cache.allocator.paged", "PagedTokenToKVPoolAllocator.clear", hooks.allocator_clear),
+    Target("sglang.srt.mem_cache.allocator.paged", "PagedTokenToKVPoolAllocator.clear",
+           hooks.allocator_clear),
     Target("sglang.srt.mem_cache.memory_pool", "MHATokenToKVPool.load_cpu_copy", hooks.pool_load_cpu_copy),
     Target("sglang.srt.mem_cache.memory_pool", "MHATokenToKVPool.move_kv_cache", hooks.pool_move_kv_cache),
 )

@@ -242,7 +242,8 @@ class Protector:
             dist.all_reduce(status, op=dist.ReduceOp.MAX, group=self.group)
         protected = int((status == 0).sum())
         kv_bytes = protected * self.kv.layers * self.kv.slot_layer_bytes * self.ranks
-        per_rank = self._gather({"bytes": protected * self.geometry.record_bytes, "corrupt": len(stored.corrupt)})
+        mine = {"bytes": protected * self.geometry.record_bytes, "corrupt": len(stored.corrupt)}
+        per_rank = self._gather(mine)
         parity_bytes = sum(r["bytes"] for r in per_rank)
         result = {
             "instance_id": self.instance_id, "step": self.step, "live_slots": len(live),

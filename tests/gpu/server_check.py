@@ -31,7 +31,8 @@ def main() -> int:
         status = server.control("status")
         print(json.dumps({"scrub": scrub, "status": status}, indent=2))
         graphs = "cuda graph" in server.log().lower()
-    ok = scrub["mismatching"] == 0 and scrub["not_durable"] == 0 and scrub["matching"] == scrub["live_slots"] > 0
+    ok = (scrub["mismatching"] == 0 and scrub["not_durable"] == 0
+          and scrub["matching"] == scrub["live_slots"] > 0)
     print(f"server check: {'PASS' if ok else 'FAIL'} (cuda graphs mentioned in log: {graphs})")
     return 0 if ok else 1
 
