@@ -53,6 +53,14 @@ def test_make_run_serves_a_protected_tp2_server_and_prints_how_to_use_it(tmp_pat
     assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"ghostserve-{port}")]
 
 
+def test_readme_documents_every_ghost_flag_and_its_variable():
+    from ghostserve_sglang.settings import OPTIONS
+
+    readme = (ROOT / "README.md").read_text()
+    for option in OPTIONS:
+        assert f"| `{option.flag}` | `{option.env}` |" in readme
+
+
 def test_codec_demo_rebuilds_lost_ranks_bit_exact():
     out = run("-m", "ghostserve_sglang.codec.demo", "--tokens", "64")
     assert "bit-exact: True" in out

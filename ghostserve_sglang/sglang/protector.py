@@ -159,8 +159,9 @@ class Protector:
             try:
                 if kind == "step":
                     _, step, slots, rows, event = item
-                    if event is not None:
+                    if event is not None:  # the gather ran on SGLang's stream
                         torch.cuda.current_stream().wait_event(event)
+                        rows.record_stream(torch.cuda.current_stream())
                     keep = slots.cpu() != 0  # slot 0 takes padded tokens' writes; never live
                     slots, rows = slots.cpu()[keep], rows[keep.to(rows.device)]
                     self.drain.submit(step, slots, self.encode(rows))
