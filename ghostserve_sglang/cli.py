@@ -45,17 +45,42 @@ def main(argv: list[str] | None = None) -> int:
                            "with the host store; exit 1 on any mismatch")
     scrub.add_argument("--no-wait", action="store_true", help="do not wait for the drain to catch up "
                        "first (slots after the watermark count as not yet durable)")
+    inject = sub.add_parser("inject-fault", help="destroy the KV of the given ranks at the next step "
+                            "boundary (needs --ghost-enable-fault-injection); recovery follows unless the "
+                            "server runs with --ghost-auto-recover=0")
+    inject.add_argument("--rank", type=int, action="append", required=True, dest="ranks",
+                        help="a rank to hit; repeat for several")
+    inject.add_argument("--no-recover", action="store_true", help="do not recover now, whatever "
+                        "--ghost-auto-recover says (then run `ghostserve recover`)")
+    corrupt = sub.add_parser("corrupt-parity", help="flip a byte in the host parity of some live slots of "
+                             "one rank (needs --ghost-enable-fault-injection; the checksum must catch it)")
+    corrupt.add_argument("--rank", type=int, required=True)
+    corrupt.add_argument("--slots", type=int, default=8, help="how many slots to corrupt")
+    recover = sub.add_parser("recover", help="rebuild lost KV from parity, recompute what parity does "
+                             "not cover")
+    recover.add_argument("--rank", type=int, action="append", dest="ranks",
+                         help="a rank whose KV is lost (default: the ranks of the last injected fault)")
+    drain = sub.add_parser("drain", help="pause or resume the parity drain on every rank (needs "
+                           "--ghost-enable-fault-injection; for drills)")
+    drain.add_argument("action", choices=("pause", "resume"))
     args = parser.parse_args(argv)
-    request_args = {"wait": not args.no_wait} if args.command == "scrub" else {}
+    request_args = {
+        "scrub": lambda: {"wait": not args.no_wait},
+        "inject-fault": lambda: {"ranks": args.ranks, **({"recover": False} if args.no_recover else {})},
+        "corrupt-parity": lambda: {"rank": args.rank, "slots": args.slots},
+        "recover": lambda: {"ranks": args.ranks or []},
+        "drain": lambda: {"pause": args.action == "pause"},
+    }.get(args.command, dict)()
     try:
         reply = call(_instance(args), args.command, request_args, timeout_s=args.timeout)
     except ControlError as exc:
         print(f"ghostserve: error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
+    printers = {"status": _print_status, "scrub": _print_scrub}
+    if args.json or args.command not in printers:
         print(json.dumps(reply, indent=2))
     else:
-        (_print_status if args.command == "status" else _print_scrub)(reply)
+        printers[args.command](reply)
     return 1 if args.command == "scrub" and reply["mismatching"] else 0
 
 

@@ -68,6 +68,12 @@ OPTIONS = (
            "being counted and logged once"),
     Option("allow_unsupported_sglang", _bool, False, "install the patches on an SGLang version that "
            "patches/sglang.json does not declare"),
+    Option("enable_fault_injection", _bool, False, "allow `ghostserve inject-fault` (destroys ranks' KV "
+           "to exercise recovery) and `ghostserve drain`; never on in production"),
+    Option("auto_recover", _bool, True, "rebuild lost KV right after an injected fault (otherwise wait "
+           "for `ghostserve recover`)"),
+    Option("recompute_below_tokens", int, 0, "recompute instead of rebuilding when fewer live tokens than "
+           "this would be rebuilt (re-prefill is cheaper for short contexts)", unit="tokens"),
     Option("log_format", str, "console", "GhostServe's log lines: console for people, json for machines",
            LOG_FORMATS),
 )
@@ -88,6 +94,9 @@ class Settings:
     existing_store: str
     strict: bool
     allow_unsupported_sglang: bool
+    enable_fault_injection: bool
+    auto_recover: bool
+    recompute_below_tokens: int
     log_format: str
 
     def __post_init__(self) -> None:
@@ -100,6 +109,9 @@ class Settings:
             raise SettingsError(f"--ghost-parity-shards={self.parity_shards} is not allowed; it must be >= 1")
         if self.staging_mib < 1:
             raise SettingsError(f"--ghost-staging-mib={self.staging_mib} is not allowed; it must be >= 1")
+        if self.recompute_below_tokens < 0:
+            raise SettingsError(f"--ghost-recompute-below-tokens={self.recompute_below_tokens} is not "
+                                "allowed; it must be >= 0")
         if not self.stall_timeout_seconds >= 0:
             raise SettingsError(f"--ghost-stall-timeout-seconds={self.stall_timeout_seconds} is not "
                                 "allowed; it must be >= 0")

@@ -84,7 +84,7 @@ def process_input_requests(wrapped, instance, args, kwargs):
     protector = STATE.protector
     for request in controls:
         try:
-            reply = protector.run_control(request)
+            reply = protector.handle_control(request, instance)
         except Exception as exc:
             if STATE.settings.strict:
                 raise

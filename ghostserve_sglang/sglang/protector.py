@@ -31,11 +31,13 @@ from ..settings import Settings
 from ..store.drain import ParityDrain
 from ..store.geometry import StoreGeometry
 from ..store.segment import ParitySegment
+from . import recovery
 from .kv import KVView, live_slots
 
 log = structlog.get_logger("ghostserve.protector")
 
 QUEUE_STEPS = 64  # steps captured but not yet encoded before the scheduler waits
+DRILLS = ("inject-fault", "corrupt-parity", "drain")  # need --ghost-enable-fault-injection
 
 
 class Protector:
@@ -63,6 +65,8 @@ class Protector:
                                             existing=settings.existing_store)
         self.drain = ParityDrain(self.segment, settings.stall_timeout_seconds, settings.on_full).start()
         self.step = 0
+        self.lost: set[int] = set()
+        self.recoveries: list[dict] = []
         self.errors: dict[str, int] = {}
         self._failure: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_STEPS)
@@ -102,11 +106,53 @@ class Protector:
         self.raise_failure()
         self._queue.put(("free", slots.clone()))
 
-    def run_control(self, request: ControlRequest) -> dict:
-        """Run a control request after every step queued before it; the same on every rank."""
-        handler = {"status": self._status, "scrub": self._scrub}[request.op]
+    def handle_control(self, request: ControlRequest, scheduler) -> dict:
+        """Carry out a control request; every rank runs this at the same point between two steps."""
+        args = request.args
+        if request.op == "status":
+            return self.call(self._status)
+        if request.op == "scrub":
+            return self.call(lambda: self._scrub(wait=bool(args.get("wait", True))))
+        if request.op in DRILLS and not self.settings.enable_fault_injection:
+            return {"error": f"{request.op} is refused: the server runs without "
+                             "--ghost-enable-fault-injection"}
+        if request.op == "drain":
+            return self.call(lambda: self._drain_control(bool(args["pause"])))
+        if request.op == "corrupt-parity":
+            return self.call(lambda: self._corrupt(int(args["rank"]), int(args["slots"])))
+        ranks = args.get("ranks") or sorted(self.lost)
+        if not ranks:
+            return {"error": f"{request.op} needs --rank: no rank has lost its KV"}
+        valid = all(isinstance(r, int) and 0 <= r < self.ranks for r in ranks)
+        if not valid or len(set(ranks)) != len(ranks):
+            return {"error": f"ranks={ranks} is not allowed; give distinct ranks in 0..{self.ranks - 1}"}
+        if request.op == "recover":
+            return self.recover(scheduler, ranks)
+        reply = {"fault": self.call(lambda: self._inject(ranks))}
+        if args.get("recover", self.settings.auto_recover):
+            reply["recovery"] = self.recover(scheduler, ranks)
+        return reply
+
+    def recover(self, scheduler, lost: list[int]) -> dict:
+        """Rebuild what parity allows (worker, collective), then have SGLang recompute the rest."""
+        started = time.monotonic()
+        result = self.call(lambda: recovery.rebuild(self, lost, self.settings.recompute_below_tokens))
+        bad = result.pop("bad")
+        if len(bad):
+            result.update(recovery.recompute(scheduler, self.allocator, self.kv.slots, bad))
+        result["step"] = self.step
+        result["seconds"] = time.monotonic() - started
+        result["outcome"] = ("rebuilt" if not len(bad) else "recomputed" if not result["slots_rebuilt"]
+                             else "rebuilt_and_recomputed")
+        self.lost.difference_update(lost)
+        self.recoveries.append(result)
+        log.info("recovery", rank=self.rank, **result)
+        return result
+
+    def call(self, fn):
+        """Run ``fn`` on the worker thread after every step queued before it; return its result."""
         box: queue.Queue = queue.Queue(maxsize=1)
-        self._queue.put(("call", lambda: handler(**request.args), box))
+        self._queue.put(("call", fn, box))
         result = box.get()
         if isinstance(result, BaseException):
             raise result
@@ -186,26 +232,80 @@ class Protector:
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's parity records ``[n, record_bytes]`` for the slots whose bytes are ``rows``
         (``[n, layers, slot_layer_bytes]``, the same slots on every rank). Collective for xor and rs."""
-        n, layers, width = rows.shape
+        n = rows.shape[0]
         if self.geometry.code == "replicate":
             return rows.reshape(n, -1)
-        ranks, column = self.ranks, self.geometry.column_bytes
         if n == 0:
             return rows.new_empty((0, self.geometry.record_bytes))
-        padded = F.pad(rows, (0, ranks * column - width)) if ranks * column != width else rows
-        send = padded.view(n, layers, ranks, column).permute(2, 0, 1, 3).contiguous()
-        received = torch.empty_like(send)
-        dist.all_to_all_single(received, send, group=self.exchange_group)
-        parity = self.codec.encode(list(received.unbind(0)))  # m x [n, layers, column]
+        parity = self.codec.encode(list(self.columns_to_encoders(rows).unbind(0)))  # m x [n, L, column]
         return torch.stack(parity, dim=2).reshape(n, -1)
 
-    # -- control requests (worker thread, collective) ----------------------------------------------
-    def _gather(self, value: dict) -> list[dict]:
+    # -- collectives on GhostServe's own groups (worker thread) ------------------------------------
+    def columns_to_encoders(self, rows: torch.Tensor) -> torch.Tensor:
+        """Cut each slot-layer's bytes into ``ranks`` columns and send column j to rank j: returns
+        ``[ranks, n, layers, column_bytes]`` where entry i is rank i's column of this rank's index."""
+        n, layers, width = rows.shape
+        ranks, column = self.ranks, self.geometry.column_bytes
+        padded = F.pad(rows, (0, ranks * column - width)) if ranks * column != width else rows
+        return self.all_to_all(padded.view(n, layers, ranks, column).permute(2, 0, 1, 3).contiguous())
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """Entry i of ``send`` goes to rank i; entry i of the result came from rank i."""
+        if self.ranks == 1:
+            return send.clone()
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.exchange_group)
+        return received
+
+    def all_reduce(self, tensor: torch.Tensor, op) -> None:
+        if self.group is not None:
+            dist.all_reduce(tensor, op=op, group=self.group)
+
+    def gather_objects(self, value):
+        """Every rank's ``value``, in rank order."""
         if self.group is None:
             return [value]
         values: list = [None] * self.ranks
         dist.all_gather_object(values, value, group=self.group)
         return values
+
+    # -- control requests (worker thread, collective) ----------------------------------------------
+    def _inject(self, ranks: list[int]) -> dict:
+        """Destroy the named ranks' KV (every layer and slot, overwritten with random bytes, not
+        zeros) and their parity still in flight, at this step boundary."""
+        discarded = 0
+        if self.rank in ranks:
+            generator = torch.Generator(device=self.device).manual_seed(self.step)
+            for buffer in (*self.kv.pool.k_buffer, *self.kv.pool.v_buffer):
+                raw = buffer.view(torch.uint8)
+                raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, device=self.device,
+                                        generator=generator))
+            discarded = self.drain.discard_pending()
+        self.lost.update(ranks)
+        log.warning("fault injected", rank=self.rank, step=self.step, lost_ranks=ranks,
+                    discarded_records=discarded)
+        return {"lost_ranks": ranks, "step": self.step,
+                "discarded_records": sum(self.gather_objects(discarded))}
+
+    def _corrupt(self, rank: int, count: int) -> dict:
+        """Flip one byte in the host parity of ``count`` live, durable slots of ``rank`` (a drill for
+        the checksum path; the records stay marked durable)."""
+        chosen: list[int] = []
+        if self.rank == rank:
+            self.drain.flush()
+            live = live_slots(self.allocator, self.kv.slots)
+            durable = live[torch.isin(live, self.segment.durable_slots())]
+            picks = torch.randperm(len(durable), generator=torch.Generator().manual_seed(self.step))[:count]
+            chosen = sorted(durable[picks].tolist())
+            for slot in chosen:
+                self.segment.table[slot, 0] ^= 0xFF
+        chosen = sum(self.gather_objects(chosen), [])
+        log.warning("parity corrupted", rank=self.rank, step=self.step, target_rank=rank, slots=len(chosen))
+        return {"rank": rank, "slots": chosen, "step": self.step}
+
+    def _drain_control(self, pause: bool) -> dict:
+        (self.drain.pause if pause else self.drain.resume)()
+        return {"paused": pause, "step": self.step}
 
     def _status(self) -> dict:
         self.drain.flush(timeout_s=0)
@@ -222,8 +322,9 @@ class Protector:
             "host_bytes": self.segment.size_bytes, "record_bytes": self.geometry.record_bytes,
             "bytes_drained": counters.bytes_drained, "stalls": counters.stalls, "drops": counters.drops,
             "checksum_failures": counters.checksum_failures, "errors": sum(self.errors.values()),
+            "lost_ranks": sorted(self.lost), "recoveries": len(self.recoveries),
         }
-        return {"instance_id": self.instance_id, "ranks": self._gather(mine)}
+        return {"instance_id": self.instance_id, "ranks": self.gather_objects(mine)}
 
     def _scrub(self, wait: bool = True) -> dict:
         """Recompute parity from the live KV of every rank and compare it with the host store."""
@@ -244,7 +345,7 @@ class Protector:
         protected = int((status == 0).sum())
         kv_bytes = protected * self.kv.layers * self.kv.slot_layer_bytes * self.ranks
         mine = {"bytes": protected * self.geometry.record_bytes, "corrupt": len(stored.corrupt)}
-        per_rank = self._gather(mine)
+        per_rank = self.gather_objects(mine)
         parity_bytes = sum(r["bytes"] for r in per_rank)
         result = {
             "instance_id": self.instance_id, "step": self.step, "live_slots": len(live),

@@ -35,6 +35,7 @@ class DrainCounters:
     stall_seconds: float = 0.0
     drops: int = 0
     dropped_records: int = 0
+    discarded_records: int = 0
     checksum_failures: int = 0
     lag_steps: int = 0
     lag_seconds: float = 0.0
@@ -62,6 +63,7 @@ class ParityDrain:
         self._copies: collections.deque[tuple[int, int, torch.cuda.Event]] = collections.deque()
         self._stream = None
         self._paused = False
+        self._writing = False
         self._stopping = False
         self._counters = DrainCounters()
         self._thread = threading.Thread(target=self._run, name="ghostserve-drain", daemon=True)
@@ -151,6 +153,26 @@ class ParityDrain:
         with self._cv:
             return self._cv.wait_for(lambda: self.segment.watermark >= self._last_step, timeout_s)
 
+    def discard_pending(self) -> int:
+        """Forget every staged record not yet in the table, as when the device that produced them
+        failed: their slots lose their parity (never an older record in its place). Returns how many
+        records were discarded."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self._writing)
+            head, tail, cap = self._head, self._tail, self.segment.ring_entries
+            if head > tail:
+                positions = torch.arange(tail, head) % cap
+                self.segment.invalidate(self.segment.ring_meta[positions, 1].clone())
+            self._counters.discarded_records += head - tail
+            while self._copies:
+                self._copies.popleft()[2].synchronize()
+            self._tail = head
+            self.segment.set_control(RING_TAIL, head)
+            self._apply_invalidations()
+            self._advance_watermark()
+            self._cv.notify_all()
+            return head - tail
+
     def pause(self) -> None:
         """Stop draining (staged records stay in the ring, not durable) until ``resume``."""
         with self._cv:
@@ -187,9 +209,11 @@ class ParityDrain:
                     return
                 start = self._tail
                 count = min(self._head - start, self._batch, cap - start % cap)
+                self._writing = True
             self._wait_copies(start + count)
             self._write(start % cap, count)
             with self._cv:
+                self._writing = False
                 self._tail = start + count
                 self.segment.set_control(RING_TAIL, self._tail)
                 self._counters.records_drained += count
