@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+from ghostserve_sglang import control
 from ghostserve_sglang.models import TINY_LLAMA
 
 COMMON_FLAGS = ["--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.1"]
@@ -48,10 +49,9 @@ class Server:
         return subprocess.run([sys.executable, "-m", "ghostserve_sglang.cli", "--port", str(self.port),
                                *args], capture_output=True, text=True, timeout=600)
 
-    def control(self, op: str) -> dict:
-        done = self.ghostserve("--json", op)
-        assert done.returncode in (0, 1), done.stderr
-        return json.loads(done.stdout)
+    def control(self, op: str, **args) -> dict:
+        """A control request straight over the control socket (what the CLI sends)."""
+        return control.call(str(self.port), op, args)
 
     def log(self) -> str:
         with open(self.log_path) as f:

@@ -1,0 +1,79 @@
+"""Fault campaign: trials of {random rank(s), random decode step, random request mix} against a running
+GhostServe server with fault injection enabled. Each trial runs its mix once without a fault (the
+reference) and once with a fault injected mid-decode, and compares every output id."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import random
+import time
+
+from .local_server import Server
+
+
+def request_mix(rng: random.Random, requests: int = 8) -> list[tuple[list[int], int]]:
+    """Prompts of mixed lengths, some sharing prefixes; 32-64 new tokens each."""
+    shared = [rng.randrange(3, 1000) for _ in range(96)]
+    mix = []
+    for _ in range(requests):
+        prefix = shared[: rng.choice((0, 32, 96))]
+        suffix = [rng.randrange(3, 1000) for _ in range(rng.choice((4, 20, 60, 150, 300)))]
+        mix.append((prefix + suffix, rng.randrange(32, 65)))
+    return mix
+
+
+def _generate_all(server: Server, mix, pool) -> list:
+    return [pool.submit(server.generate, ids, new) for ids, new in mix]
+
+
+@dataclasses.dataclass
+class Trial:
+    seed: int
+    lost_ranks: list[int]
+    fault_step: int
+    running_at_fault: int
+    requests: int
+    lost_requests: int
+    wrong_tokens: int
+    recovery: dict
+    scrub: dict
+
+    @property
+    def ok(self) -> bool:
+        return self.lost_requests == 0 and self.wrong_tokens == 0
+
+
+def run_trial(server: Server, seed: int, ranks: int, lose: int = 1, drills=()) -> Trial:
+    """One trial. ``drills`` are ``(steps, fn)``: ``fn(server)`` runs once the fault run has taken
+    ``steps`` steps, before the fault (e.g. pausing the drain, corrupting parity)."""
+    rng = random.Random(seed)
+    mix = request_mix(rng)
+    lost = sorted(rng.sample(range(ranks), lose))
+    after_steps = rng.randrange(8, 28)
+    server.post("/flush_cache")
+    with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
+        reference = [f.result()["output_ids"] for f in _generate_all(server, mix, pool)]
+    server.post("/flush_cache")
+    with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
+        start = server.control("status")["ranks"][0]["step"]
+        futures = _generate_all(server, mix, pool)
+        pending = sorted([*drills, (after_steps, None)], key=lambda d: d[0])
+        for steps, drill in pending:
+            while server.control("status")["ranks"][0]["step"] < start + steps:
+                time.sleep(0.005)
+            if drill is not None:
+                drill(server)
+        running = sum(not f.done() for f in futures)
+        reply = server.control("inject-fault", ranks=lost)
+        outputs = []
+        for future in futures:
+            try:
+                outputs.append(future.result()["output_ids"])
+            except Exception:  # a lost request
+                outputs.append(None)
+    lost_requests = sum(o is None or len(o) != len(r) for o, r in zip(outputs, reference))
+    wrong = sum(a != b for o, r in zip(outputs, reference) if o is not None for a, b in zip(o, r))
+    scrub = server.control("scrub")
+    return Trial(seed, lost, reply["fault"]["step"], running, len(mix), lost_requests, wrong,
+                 reply.get("recovery", {}), scrub)
