@@ -27,4 +27,6 @@ bench: setup
 	$(PY) benchmarks/codec_bench.py
 	$(PY) benchmarks/drain_bench.py
 	$(PY) benchmarks/overhead_bench.py
+	$(PY) benchmarks/recovery_bench.py
+	$(PY) benchmarks/fault_campaign.py
 
