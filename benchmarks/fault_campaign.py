@@ -51,7 +51,8 @@ def main() -> None:
     print(f"TP={args.tp} {args.code} m={args.parity_shards}, {args.lose} rank(s) lost per fault, "
           f"{trials[0].requests} concurrent requests per trial (32-64 new tokens, mixed prompts)")
     print(f"trials {len(trials)}, faults mid-decode {sum(t.running_at_fault > 0 for t in trials)}, "
-          f"requests {sum(t.requests for t in trials)}, lost requests {sum(t.lost_requests for t in trials)}, "
+          f"requests {sum(t.requests for t in trials)}, "
+          f"lost requests {sum(t.lost_requests for t in trials)}, "
           f"wrong tokens {sum(t.wrong_tokens for t in trials)}, scrub mismatches after recovery "
           f"{sum(t.scrub['mismatching'] for t in trials)}")
     print(f"outcomes {dict(outcomes)}; recovery time p50 {percentile(seconds, 50) * 1000:.1f} ms, "

@@ -51,7 +51,8 @@ def main() -> None:
     p, r = statistics.median(prefill), statistics.median(rebuild)
     print(f"command: python benchmarks/recovery_bench.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"TP={args.tp} {args.code}, one request, {args.context}-token prompt, rank {args.tp - 1} lost "
-          f"mid-decode; {min(rebuilt_slots)}-{max(rebuilt_slots)} live slots rebuilt; median of {args.rounds}\n")
+          f"mid-decode; {min(rebuilt_slots)}-{max(rebuilt_slots)} live slots rebuilt; "
+          f"median of {args.rounds}\n")
     print("| recovery | seconds | ratio to prefill |")
     print("|---|---:|---:|")
     print(f"| prefill the same tokens again (SGLang, the recompute baseline) | {p:.4f} | 1.000 |")

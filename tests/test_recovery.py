@@ -12,7 +12,8 @@ from ghostserve_sglang.local_server import launched
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ghost = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1"]
-    with launched(2, ghost, ["--chunked-prefill-size", "128"], log_dir=str(tmp_path_factory.mktemp("xor"))) as s:
+    log_dir = str(tmp_path_factory.mktemp("xor"))
+    with launched(2, ghost, ["--chunked-prefill-size", "128"], log_dir=log_dir) as s:
         yield s
 
 
@@ -51,6 +52,19 @@ def test_corrupted_parity_is_caught_and_those_slots_recomputed(server):
     assert trial.ok and trial.running_at_fault > 0, trial
     assert recovery["checksum_failures"] == 5 and recovery["slots_recomputed"] >= 5, recovery
     assert trial.scrub["mismatching"] == 0
+
+
+def test_cli_injects_and_recovers(server):
+    import json
+
+    server.generate(list(range(3, 300)), 8)  # something cached to lose
+    done = server.ghostserve("--json", "inject-fault", "--rank", "0")
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["fault"]["lost_ranks"] == [0] and reply["recovery"]["outcome"] == "rebuilt"
+    assert reply["recovery"]["slots_rebuilt"] >= 297
+    bad = server.ghostserve("recover", "--rank", "7")
+    assert bad.returncode == 2 and "ranks=[7] is not allowed" in bad.stderr
 
 
 def test_drills_are_refused_unless_enabled(tmp_path):
