@@ -7,12 +7,16 @@ venv=$2
 here=$(cd "$(dirname "$0")/.." && pwd)
 
 # Intel ISA-L: the CPU fast path of the codec and the reference the tests compare parity with.
-if ! ldconfig -p 2>/dev/null | grep -q 'libisal\.so\.2'; then
+# Prometheus (server and promtool): the metrics tests run every dashboard query against a real one.
+missing=()
+ldconfig -p 2>/dev/null | grep -q 'libisal\.so\.2' || missing+=(libisal2)
+command -v promtool >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo -n"
-  echo "installing libisal2 (Intel ISA-L) with apt-get"
+  echo "installing ${missing[*]} with apt-get"
   $sudo apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q libisal2 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >/dev/null
 fi
 
 if [ ! -f "$venv/.complete" ]; then

@@ -14,6 +14,7 @@ receives chunk j of every rank, encodes m parity chunks and keeps them in its ow
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import queue
 import signal
@@ -74,9 +75,15 @@ class Protector:
         self._worker = threading.Thread(target=self._work, name="ghostserve-encode", daemon=True)
         self._worker.start()
         self.control = ControlServer(instance_id) if self.rank == 0 else None
+        from ..metrics import Metrics  # after SGLang set PROMETHEUS_MULTIPROC_DIR
+
+        self.metrics = Metrics(self.rank, code)
+        self.metrics.set("ghostserve_host_store_capacity_bytes", self.segment.size_bytes)
+        threading.Thread(target=self._report, name="ghostserve-metrics", daemon=True).start()
         atexit.register(self.close)
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._unlink_on(signum)
+        log.info("config", rank=self.rank, step=0, **dataclasses.asdict(settings))
         log.info("protection started", rank=self.rank, step=0, code=code, ranks=self.ranks,
                  parity_shards=parity_shards, record_bytes=self.geometry.record_bytes,
                  slots=self.kv.slots, segment=self.segment.path, ring_entries=ring_entries)
@@ -89,12 +96,15 @@ class Protector:
             return
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return  # graph capture: the replay runs this method again with real slots
+        started = time.perf_counter()
         self.record_write(loc)
+        self.metrics.capture_seconds.observe(time.perf_counter() - started)
 
     def record_write(self, slots: torch.Tensor) -> None:
         """Slots whose KV was just (re)written by any path: protect them as one step."""
         self.raise_failure()
         self.step += 1
+        self.metrics.add("ghostserve_steps_captured_total")
         rows = self.kv.gather(slots)
         event = None
         if self._stream is not None:
@@ -136,6 +146,7 @@ class Protector:
     def recover(self, scheduler, lost: list[int]) -> dict:
         """Rebuild what parity allows (worker, collective), then have SGLang recompute the rest."""
         started = time.monotonic()
+        log.warning("recovery started", rank=self.rank, step=self.step, lost_ranks=lost)
         result = self.call(lambda: recovery.rebuild(self, lost, self.settings.recompute_below_tokens))
         bad = result.pop("bad")
         if len(bad):
@@ -144,8 +155,15 @@ class Protector:
         result["seconds"] = time.monotonic() - started
         result["outcome"] = ("rebuilt" if not len(bad) else "recomputed" if not result["slots_rebuilt"]
                              else "rebuilt_and_recomputed")
+        if "recompute_seconds" in result:
+            result["phases"]["recompute_seconds"] = result.pop("recompute_seconds")
         self.lost.difference_update(lost)
         self.recoveries.append(result)
+        self.metrics.recovered(result["outcome"], result["seconds"], result["slots_rebuilt"],
+                               result["slots_recomputed"])
+        for phase, seconds in result["phases"].items():
+            log.info("recovery phase", rank=self.rank, step=self.step, phase=phase.removesuffix("_seconds"),
+                     seconds=seconds)
         log.info("recovery", rank=self.rank, **result)
         return result
 
@@ -210,7 +228,9 @@ class Protector:
                         rows.record_stream(torch.cuda.current_stream())
                     keep = slots.cpu() != 0  # slot 0 takes padded tokens' writes; never live
                     slots, rows = slots.cpu()[keep], rows[keep.to(rows.device)]
-                    self.drain.submit(step, slots, self.encode(rows))
+                    records = self.encode(rows)
+                    self.drain.submit(step, slots, records)
+                    self.metrics.add("ghostserve_parity_produced_bytes_total", records.numel())
                 elif kind == "free":
                     self.drain.invalidate(item[1].cpu())
                 elif kind == "call":
@@ -221,6 +241,38 @@ class Protector:
             except Exception as exc:
                 self._failure = exc
                 self.count_error("worker", exc)
+
+    def _report(self, period_s: float = 1.0) -> None:
+        """Refresh the metrics every ``period_s`` (also while idle, so lag is seen to return to 0) and log
+        backpressure as it happens."""
+        from .hooks import STATE
+
+        m = self.metrics
+        while True:
+            time.sleep(period_s)
+            try:
+                counters = self.drain.counters()
+                m.mirror("ghostserve_parity_drained_bytes_total", counters.bytes_drained)
+                m.mirror("ghostserve_checksum_failures_total", counters.checksum_failures)
+                m.mirror("ghostserve_errors_total", sum(self.errors.values()) + sum(STATE.errors.values()))
+                for name, what in (("ghostserve_backpressure_stalls_total", counters.stalls),
+                                   ("ghostserve_backpressure_drops_total", counters.drops)):
+                    if m.mirror(name, what) > 0:
+                        log.warning("backpressure", rank=self.rank, step=self.step, stalls=counters.stalls,
+                                    drops=counters.drops, dropped_records=counters.dropped_records,
+                                    stall_seconds=counters.stall_seconds)
+                m.set("ghostserve_checkpoint_lag_steps", counters.lag_steps)
+                m.set("ghostserve_checkpoint_lag_seconds", counters.lag_seconds)
+                m.set("ghostserve_durable_watermark", self.segment.watermark)
+                durable = self.segment.durable_slots()
+                m.set("ghostserve_host_store_used_bytes", len(durable) * self.geometry.record_bytes)
+                live = live_slots(self.allocator, self.kv.slots)
+                protected = int(torch.isin(live, durable).sum())
+                m.set("ghostserve_protected_tokens", protected)
+                m.set("ghostserve_unprotected_tokens", len(live) - protected)
+                m.set("ghostserve_lost_ranks", len(self.lost))
+            except Exception as exc:  # a racing read of SGLang's allocator; the next round retries
+                self.count_error("metrics", exc)
 
     def count_error(self, where: str, exc: BaseException) -> None:
         """Errors inside GhostServe are counted; the first of each kind is logged with its traceback."""
@@ -281,6 +333,7 @@ class Protector:
                 raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, device=self.device,
                                         generator=generator))
             discarded = self.drain.discard_pending()
+            self.metrics.add("ghostserve_faults_injected_total")
         self.lost.update(ranks)
         log.warning("fault injected", rank=self.rank, step=self.step, lost_ranks=ranks,
                     discarded_records=discarded)
@@ -355,6 +408,7 @@ class Protector:
             "parity_to_kv": parity_bytes / kv_bytes if kv_bytes else None,
             "seconds": time.monotonic() - started,
         }
+        self.metrics.add("ghostserve_scrub_mismatches_total", result["mismatching"])
         log.info("scrub", rank=self.rank, step=self.step, **{k: v for k, v in result.items()
                                                              if k not in ("instance_id", "step")})
         return result
