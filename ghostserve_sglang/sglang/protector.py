@@ -247,7 +247,7 @@ class Protector:
         backpressure as it happens."""
         from .hooks import STATE
 
-        m = self.metrics
+        m, warned = self.metrics, False
         while True:
             time.sleep(period_s)
             try:
@@ -271,8 +271,11 @@ class Protector:
                 m.set("ghostserve_protected_tokens", protected)
                 m.set("ghostserve_unprotected_tokens", len(live) - protected)
                 m.set("ghostserve_lost_ranks", len(self.lost))
-            except Exception as exc:  # a racing read of SGLang's allocator; the next round retries
-                self.count_error("metrics", exc)
+            except Exception as exc:  # e.g. a racing read of SGLang's allocator; the next round retries
+                if not warned:
+                    log.warning("metrics refresh failed; retrying", rank=self.rank, step=self.step,
+                                error=repr(exc))
+                    warned = True
 
     def count_error(self, where: str, exc: BaseException) -> None:
         """Errors inside GhostServe are counted; the first of each kind is logged with its traceback."""
