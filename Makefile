@@ -23,10 +23,8 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# GhostServe against the paper's baselines on this machine: benchmarks/results/cpu/report.md and plots
+# (about 12 minutes). The single benchmarks in benchmarks/ also run on their own.
 bench: setup
-	$(PY) benchmarks/codec_bench.py
-	$(PY) benchmarks/drain_bench.py
-	$(PY) benchmarks/overhead_bench.py
-	$(PY) benchmarks/recovery_bench.py
-	$(PY) benchmarks/fault_campaign.py
+	$(PY) benchmarks/report.py
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 from .store import EXISTING, ON_FULL
 
-CODES = ("xor", "rs", "replicate", "off")
+CODES = ("xor", "rs", "replicate", "file", "off")
 LOG_FORMATS = ("console", "json")
 ENV_PREFIX = "GHOSTSERVE_"
 
@@ -52,7 +52,8 @@ class Option:
 
 
 OPTIONS = (
-    Option("code", str, "xor", "erasure code of the KV parity; off runs SGLang unprotected", CODES),
+    Option("code", str, "xor", "erasure code of the KV parity; replicate keeps a full copy in host "
+           "memory, file a full copy on local disk (baselines); off runs SGLang unprotected", CODES),
     Option("parity_shards", int, 1, "parity shards m (xor: 1; rs: 1 <= m < tp size; replicate: ignored)"),
     Option("staging_mib", int, 64, "host staging ring per rank between capture and the parity table",
            unit="MiB"),
@@ -60,6 +61,8 @@ OPTIONS = (
            "drop protection of that step's slots (counted)", ON_FULL),
     Option("stall_timeout_seconds", float, 0.05, "how long a full staging ring may stall a step before "
            "--ghost-on-full applies", unit="s"),
+    Option("file_dir", str, "/var/tmp/ghostserve", "where --ghost-code=file keeps its copies (a local "
+           "disk); each batch is written through with msync before it counts as durable"),
     Option("instance_id", str, "", "names this server's host parity segments and control socket; "
            "default: the server port"),
     Option("existing_store", str, "remove", "what to do with parity segments a dead server left "
@@ -90,6 +93,7 @@ class Settings:
     staging_mib: int
     on_full: str
     stall_timeout_seconds: float
+    file_dir: str
     instance_id: str
     existing_store: str
     strict: bool

@@ -61,6 +61,20 @@ def test_readme_documents_every_ghost_flag_and_its_variable():
         assert f"| `{option.flag}` | `{option.env}` |" in readme
 
 
+def test_benchmark_report_renders_from_its_committed_results(tmp_path):
+    import shutil
+
+    committed = ROOT / "benchmarks" / "results" / "cpu"
+    for name in ("results.json", "codec.txt"):
+        shutil.copy(committed / name, tmp_path / name)
+    run("benchmarks/report.py", "--render-only", "--out", str(tmp_path))
+    report = (tmp_path / "report.md").read_text()
+    assert "## Against the paper's claims" in report and "- command: `python benchmarks/report.py" in report
+    assert len(list(tmp_path.glob("fig*.png"))) == 4
+    readme = (ROOT / "README.md").read_text()
+    assert "python benchmarks/report.py" in readme and "benchmarks/results/cpu/report.md" in readme
+
+
 def test_codec_demo_rebuilds_lost_ranks_bit_exact():
     out = run("-m", "ghostserve_sglang.codec.demo", "--tokens", "64")
     assert "bit-exact: True" in out

@@ -54,6 +54,15 @@ def test_corrupted_parity_is_caught_and_those_slots_recomputed(server):
     assert trial.scrub["mismatching"] == 0
 
 
+def test_replicate_restores_a_lost_rank_from_its_host_copy(tmp_path):
+    ghost = ["--ghost-code", "replicate", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1"]
+    with launched(2, ghost, log_dir=str(tmp_path)) as replicate:
+        trial = run_trial(replicate, seed=5, ranks=2)
+    assert trial.ok and trial.running_at_fault > 0, trial
+    assert trial.recovery["outcome"] == "rebuilt" and trial.recovery["slots_rebuilt"] > 0
+    assert trial.scrub["mismatching"] == 0
+
+
 def test_cli_injects_and_recovers(server):
     import json
 

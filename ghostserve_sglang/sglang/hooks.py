@@ -86,6 +86,8 @@ def process_input_requests(wrapped, instance, args, kwargs):
         try:
             reply = protector.handle_control(request, instance)
         except Exception as exc:
+            log.error("control request failed", op=request.op, rank=protector.rank, step=protector.step,
+                      error=repr(exc), exc_info=exc)
             if STATE.settings.strict:
                 raise
             reply = {"error": f"{request.op} failed on rank {protector.rank}: {exc!r}"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import datetime
 import os
 import queue
 import signal
@@ -31,14 +32,23 @@ from ..control import ControlRequest, ControlServer
 from ..settings import Settings
 from ..store.drain import ParityDrain
 from ..store.geometry import StoreGeometry
-from ..store.segment import ParitySegment
+from ..store.segment import SHM_DIR, ParitySegment
 from . import recovery
 from .kv import KVView, live_slots
 
 log = structlog.get_logger("ghostserve.protector")
 
 QUEUE_STEPS = 64  # steps captured but not yet encoded before the scheduler waits
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
 DRILLS = ("inject-fault", "corrupt-parity", "drain")  # need --ghost-enable-fault-injection
+
+
+def _quantiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": pick(0.5), "p99": pick(0.99), "mean": sum(ordered) / len(ordered), "count": len(ordered)}
 
 
 class Protector:
@@ -49,7 +59,7 @@ class Protector:
         self.allocator = model_runner.token_to_kv_pool_allocator
         self.kv = KVView(model_runner.token_to_kv_pool)
         self.rank, self.ranks = tp_group.rank_in_group, tp_group.world_size
-        code = settings.code
+        code = "replicate" if settings.code == "file" else settings.code  # file: the same layout, on disk
         parity_shards = self.ranks if code == "replicate" else settings.parity_shards
         self.geometry = StoreGeometry(code, self.ranks, parity_shards, self.kv.dtype_name, self.kv.heads,
                                       self.kv.head_dim, self.kv.layers, self.kv.slots)
@@ -57,15 +67,24 @@ class Protector:
         self.device = self.kv.pool.k_buffer[0].device
         # Our own groups: control collectives over gloo; the column exchange over gloo on CPU and over a
         # separate NCCL communicator on GPU. Created by every rank at the same point (scheduler init).
-        self.group = dist.new_group(tp_group.ranks, backend="gloo") if self.ranks > 1 else None
+        # A collective that one rank never joins (an error there) fails after COLLECTIVE_TIMEOUT instead
+        # of hanging its peers.
+        self.group = None
+        if self.ranks > 1:
+            self.group = dist.new_group(tp_group.ranks, backend="gloo", timeout=COLLECTIVE_TIMEOUT)
         self.exchange_group = self.group
         if self.ranks > 1 and self.device.type == "cuda" and code != "replicate":
-            self.exchange_group = dist.new_group(tp_group.ranks, backend="nccl")
+            self.exchange_group = dist.new_group(tp_group.ranks, backend="nccl", timeout=COLLECTIVE_TIMEOUT)
         ring_entries = max(1, settings.staging_mib * 2**20 // self.geometry.record_bytes)
+        on_disk = settings.code == "file"
+        directory = settings.file_dir if on_disk else SHM_DIR
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         self.segment = ParitySegment.create(instance_id, self.rank, self.geometry, ring_entries,
-                                            existing=settings.existing_store)
-        self.drain = ParityDrain(self.segment, settings.stall_timeout_seconds, settings.on_full).start()
+                                            existing=settings.existing_store, directory=directory)
+        self.drain = ParityDrain(self.segment, settings.stall_timeout_seconds, settings.on_full,
+                                 sync=on_disk).start()
         self.step = 0
+        self.seconds = {"capture": 0.0, "worker": 0.0}  # time spent per thread, for the overhead account
         self.lost: set[int] = set()
         self.recoveries: list[dict] = []
         self.errors: dict[str, int] = {}
@@ -77,7 +96,7 @@ class Protector:
         self.control = ControlServer(instance_id) if self.rank == 0 else None
         from ..metrics import Metrics  # after SGLang set PROMETHEUS_MULTIPROC_DIR
 
-        self.metrics = Metrics(self.rank, code)
+        self.metrics = Metrics(self.rank, settings.code)
         self.metrics.set("ghostserve_host_store_capacity_bytes", self.segment.size_bytes)
         threading.Thread(target=self._report, name="ghostserve-metrics", daemon=True).start()
         atexit.register(self.close)
@@ -98,7 +117,9 @@ class Protector:
             return  # graph capture: the replay runs this method again with real slots
         started = time.perf_counter()
         self.record_write(loc)
-        self.metrics.capture_seconds.observe(time.perf_counter() - started)
+        spent = time.perf_counter() - started
+        self.seconds["capture"] += spent
+        self.metrics.capture_seconds.observe(spent)
 
     def record_write(self, slots: torch.Tensor) -> None:
         """Slots whose KV was just (re)written by any path: protect them as one step."""
@@ -110,7 +131,7 @@ class Protector:
         if self._stream is not None:
             event = torch.cuda.Event()
             event.record()
-        self._queue.put(("step", self.step, slots.clone(), rows, event))
+        self._queue.put(("step", self.step, slots.clone(), rows, event, time.monotonic()))
 
     def on_free(self, slots: torch.Tensor) -> None:
         self.raise_failure()
@@ -222,15 +243,17 @@ class Protector:
                 return
             try:
                 if kind == "step":
-                    _, step, slots, rows, event = item
+                    _, step, slots, rows, event, captured_at = item
+                    started = time.perf_counter()
                     if event is not None:  # the gather ran on SGLang's stream
                         torch.cuda.current_stream().wait_event(event)
                         rows.record_stream(torch.cuda.current_stream())
                     keep = slots.cpu() != 0  # slot 0 takes padded tokens' writes; never live
                     slots, rows = slots.cpu()[keep], rows[keep.to(rows.device)]
                     records = self.encode(rows)
-                    self.drain.submit(step, slots, records)
+                    self.drain.submit(step, slots, records, captured_at)
                     self.metrics.add("ghostserve_parity_produced_bytes_total", records.numel())
+                    self.seconds["worker"] += time.perf_counter() - started
                 elif kind == "free":
                     self.drain.invalidate(item[1].cpu())
                 elif kind == "call":
@@ -370,7 +393,7 @@ class Protector:
         durable = self.segment.durable_slots()
         protected = int(torch.isin(live, durable).sum())
         mine = {
-            "rank": self.rank, "code": self.geometry.code, "parity_shards": self.geometry.parity_shards,
+            "rank": self.rank, "code": self.settings.code, "parity_shards": self.geometry.parity_shards,
             "step": self.step, "durable_watermark": self.segment.watermark,
             "lag_steps": counters.lag_steps, "lag_seconds": counters.lag_seconds,
             "live_slots": len(live), "protected_slots": protected,
@@ -379,6 +402,9 @@ class Protector:
             "bytes_drained": counters.bytes_drained, "stalls": counters.stalls, "drops": counters.drops,
             "checksum_failures": counters.checksum_failures, "errors": sum(self.errors.values()),
             "lost_ranks": sorted(self.lost), "recoveries": len(self.recoveries),
+            "capture_seconds": self.seconds["capture"], "worker_seconds": self.seconds["worker"],
+            "drain_write_seconds": counters.write_seconds,
+            "checkpoint_latency_seconds": _quantiles(self.drain.latencies()),
         }
         return {"instance_id": self.instance_id, "ranks": self.gather_objects(mine)}
 

@@ -90,13 +90,12 @@ def rebuild(p, lost: list[int], recompute_below_tokens: int = 0) -> dict:
             rows = returned.permute(1, 2, 0, 3).reshape(n, layers, ranks * column)[:, :, :width]
             p.kv.scatter(good, rows.contiguous())
     phases.done("scatter_seconds")
-    per_rank = p.gather_objects((n * geometry.record_bytes, phases.seconds))
-    bytes_read = sum(b for b, _ in per_rank)
-    slowest = {name: max(s[name] for _, s in per_rank) for name in phases.seconds}  # phases end together
+    per_rank = p.gather_objects((n * geometry.record_bytes, len(stored.corrupt), phases.seconds))
+    names = dict.fromkeys(name for _, _, seconds in per_rank for name in seconds)  # ranks differ in phases
+    slowest = {name: max(s.get(name, 0.0) for _, _, s in per_rank) for name in names}
     return {"lost_ranks": sorted(lost), "live_slots": len(live), "slots_rebuilt": n,
-            "slots_recomputed": len(live) - n, "bytes_read_from_host": bytes_read,
-            "checksum_failures": sum(p.gather_objects(len(stored.corrupt))), "phases": slowest,
-            "bad": live[~ok]}
+            "slots_recomputed": len(live) - n, "bytes_read_from_host": sum(r[0] for r in per_rank),
+            "checksum_failures": sum(r[1] for r in per_rank), "phases": slowest, "bad": live[~ok]}
 
 
 def recompute(scheduler, allocator, total_slots: int, bad: torch.Tensor) -> dict:

@@ -36,6 +36,7 @@ class DrainCounters:
     drops: int = 0
     dropped_records: int = 0
     discarded_records: int = 0
+    write_seconds: float = 0.0
     checksum_failures: int = 0
     lag_steps: int = 0
     lag_seconds: float = 0.0
@@ -44,13 +45,15 @@ class DrainCounters:
 class ParityDrain:
     def __init__(
         self, segment: ParitySegment, stall_timeout_s: float = 0.05, on_full: str = "block",
-        batch_entries: int = 4096,
+        batch_entries: int = 4096, sync: bool = False,
     ) -> None:
         if on_full not in ON_FULL:
             raise StoreError(f"on_full={on_full!r} is not allowed; allowed: {', '.join(ON_FULL)}")
         if not stall_timeout_s >= 0:
             raise StoreError(f"stall_timeout_s={stall_timeout_s!r} is not allowed; it must be >= 0")
         self.segment = segment
+        self.sync = sync  # msync each written batch before it counts as durable (a store on disk)
+        self._latencies: collections.deque[float] = collections.deque(maxlen=65536)
         self.stall_timeout_s = stall_timeout_s
         self.on_full = on_full
         self._batch = batch_entries
@@ -76,8 +79,11 @@ class ParityDrain:
         self._thread.start()
         return self
 
-    def submit(self, step: int, slots: torch.Tensor, parity: torch.Tensor) -> None:
-        """Stage one step's parity rows (``parity[i]`` belongs to ``slots[i]``; slots distinct)."""
+    def submit(self, step: int, slots: torch.Tensor, parity: torch.Tensor,
+               captured_at: float | None = None) -> None:
+        """Stage one step's parity rows (``parity[i]`` belongs to ``slots[i]``; slots distinct).
+        ``captured_at`` (``time.monotonic()``) is when the KV was written; the checkpoint latency of
+        the step runs from then until it is durable."""
         if step <= self._last_step:
             raise StoreError(f"step {step} is not after the last submitted step {self._last_step}")
         record = self.segment.geometry.record_bytes
@@ -103,7 +109,7 @@ class ParityDrain:
         with self._cv:
             self._last_step = step
             self._counters.steps_submitted += 1
-            self._steps.append((step, self._head, time.monotonic()))
+            self._steps.append((step, self._head, captured_at or time.monotonic()))
             self._advance_watermark()
 
     def invalidate(self, slots: torch.Tensor) -> None:
@@ -191,6 +197,11 @@ class ParityDrain:
             self._cv.notify_all()
         self._thread.join()
 
+    def latencies(self) -> list[float]:
+        """Checkpoint latency (captured -> durable, seconds) of the most recent steps, oldest first."""
+        with self._cv:
+            return list(self._latencies)
+
     def counters(self) -> DrainCounters:
         with self._cv:
             snapshot = dataclasses.replace(self._counters)
@@ -211,8 +222,13 @@ class ParityDrain:
                 count = min(self._head - start, self._batch, cap - start % cap)
                 self._writing = True
             self._wait_copies(start + count)
+            started = time.monotonic()
             self._write(start % cap, count)
+            if self.sync:
+                self.segment.sync()
+            written = time.monotonic() - started
             with self._cv:
+                self._counters.write_seconds += written
                 self._writing = False
                 self._tail = start + count
                 self.segment.set_control(RING_TAIL, self._tail)
@@ -248,5 +264,7 @@ class ParityDrain:
 
     def _advance_watermark(self) -> None:
         while self._steps and self._steps[0][1] <= self._tail:
-            self.segment.set_control(WATERMARK, self._steps.popleft()[0])
+            step, _, captured_at = self._steps.popleft()
+            self.segment.set_control(WATERMARK, step)
+            self._latencies.append(time.monotonic() - captured_at)
             self._cv.notify_all()

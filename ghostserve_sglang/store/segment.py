@@ -37,19 +37,19 @@ _CONTROL_OFFSET, _GEOMETRY_OFFSET = 64, 256
 WATERMARK, RING_HEAD, RING_TAIL, OWNER_PID = range(4)
 
 
-def segment_path(instance_id: str, rank: int) -> str:
+def segment_path(instance_id: str, rank: int, directory: str = SHM_DIR) -> str:
     if not isinstance(instance_id, str) or not _INSTANCE_ID.fullmatch(instance_id):
         raise StoreError(f"instance id {instance_id!r} is not allowed; use 1-64 of A-Z a-z 0-9 _ . -")
-    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-rank{rank}")
+    return os.path.join(directory, f"ghostserve-{instance_id}-rank{rank}")
 
 
-def remove_orphans(instance_id: str) -> list[str]:
+def remove_orphans(instance_id: str, directory: str = SHM_DIR) -> list[str]:
     """Delete the instance's segments whose owner process is gone (the server has stopped); a segment
     with a live owner is kept. Returns the paths removed."""
     prefix = os.path.basename(segment_path(instance_id, 0))[: -len("0")]
     removed = []
-    for name in sorted(os.listdir(SHM_DIR)):
-        path = os.path.join(SHM_DIR, name)
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        path = os.path.join(directory, name)
         if name.startswith(prefix) and name[len(prefix):].isdigit():
             if not _pid_alive(ParitySegment._owner_of(path)):
                 os.unlink(path)
@@ -133,7 +133,7 @@ class ParitySegment:
     @classmethod
     def create(
         cls, instance_id: str, rank: int, geometry: StoreGeometry, ring_entries: int,
-        existing: str = "fail",
+        existing: str = "fail", directory: str = SHM_DIR,
     ) -> ParitySegment:
         """A fresh segment, mode 0600. A segment already there is refused (``fail``), re-attached
         for recovery (``attach``) or deleted first (``remove``); one whose owner is alive is never
@@ -142,10 +142,10 @@ class ParitySegment:
             raise StoreError(f"existing={existing!r} is not allowed; allowed: {', '.join(EXISTING)}")
         if not isinstance(ring_entries, int) or ring_entries < 1:
             raise StoreError(f"ring_entries={ring_entries!r} is not allowed; it must be an int >= 1")
-        path = segment_path(instance_id, rank)
+        path = segment_path(instance_id, rank, directory)
         if os.path.exists(path):
             if existing == "attach":
-                return cls.attach(instance_id, rank, geometry)
+                return cls.attach(instance_id, rank, geometry, directory)
             owner = cls._owner_of(path)
             if existing == "fail" or _pid_alive(owner):
                 live = f"; its owner pid {owner} is alive" if _pid_alive(owner) else ""
@@ -159,9 +159,10 @@ class ParitySegment:
         return segment
 
     @classmethod
-    def attach(cls, instance_id: str, rank: int, geometry: StoreGeometry) -> ParitySegment:
+    def attach(cls, instance_id: str, rank: int, geometry: StoreGeometry,
+               directory: str = SHM_DIR) -> ParitySegment:
         """Map an existing segment, refusing any other format version or geometry."""
-        path = segment_path(instance_id, rank)
+        path = segment_path(instance_id, rank, directory)
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
@@ -198,6 +199,10 @@ class ParitySegment:
         _PREAMBLE.pack_into(self._map, 0, MAGIC, FORMAT_VERSION, self.ring_entries, len(geometry))
         self._map[_GEOMETRY_OFFSET : _GEOMETRY_OFFSET + len(geometry)] = geometry
         self._control[OWNER_PID] = os.getpid()
+
+    def sync(self) -> None:
+        """Write dirty pages through to the file (msync); for a segment on disk, that makes it durable."""
+        self._map.flush()
 
     def pin(self) -> None:
         """Register the mapping with CUDA so device-to-host copies into it run asynchronously."""
