@@ -136,18 +136,19 @@ def allocator_clear(wrapped, instance, args, kwargs):
     return result
 
 
-def pool_load_cpu_copy(wrapped, instance, args, kwargs):
-    """KV loaded back from host (retracted requests) is a write outside a forward step."""
-    result = wrapped(*args, **kwargs)
-    protector = STATE.protector
-    if protector is not None and instance is protector.kv.pool:
-        _guarded("load_cpu_copy", protector.record_write, _arg(args, kwargs, 1, "indices"))
-    return result
+def _pool_write(where: str, index: int, name: str):
+    """A wrapper for a KV pool method that writes the slots in its argument ``name`` (position
+    ``index``) outside a forward step: they are captured as a step of their own."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        result = wrapped(*args, **kwargs)
+        protector = STATE.protector
+        if protector is not None and instance is protector.kv.pool:
+            _guarded(where, protector.record_write, _arg(args, kwargs, index, name))
+        return result
+
+    return wrapper
 
 
-def pool_move_kv_cache(wrapped, instance, args, kwargs):
-    result = wrapped(*args, **kwargs)
-    protector = STATE.protector
-    if protector is not None and instance is protector.kv.pool:
-        _guarded("move_kv_cache", protector.record_write, _arg(args, kwargs, 0, "tgt_loc"))
-    return result
+pool_load_cpu_copy = _pool_write("load_cpu_copy", 1, "indices")  # KV loaded back from host
+pool_move_kv_cache = _pool_write("move_kv_cache", 0, "tgt_loc")

@@ -287,12 +287,10 @@ class Protector:
                 m.set("ghostserve_checkpoint_lag_steps", counters.lag_steps)
                 m.set("ghostserve_checkpoint_lag_seconds", counters.lag_seconds)
                 m.set("ghostserve_durable_watermark", self.segment.watermark)
-                durable = self.segment.durable_slots()
+                live, durable, protected = self.coverage()
                 m.set("ghostserve_host_store_used_bytes", len(durable) * self.geometry.record_bytes)
-                live = live_slots(self.allocator, self.kv.slots)
-                protected = int(torch.isin(live, durable).sum())
-                m.set("ghostserve_protected_tokens", protected)
-                m.set("ghostserve_unprotected_tokens", len(live) - protected)
+                m.set("ghostserve_protected_tokens", len(protected))
+                m.set("ghostserve_unprotected_tokens", len(live) - len(protected))
                 m.set("ghostserve_lost_ranks", len(self.lost))
             except Exception as exc:  # e.g. a racing read of SGLang's allocator; the next round retries
                 if not warned:
@@ -372,10 +370,9 @@ class Protector:
         chosen: list[int] = []
         if self.rank == rank:
             self.drain.flush()
-            live = live_slots(self.allocator, self.kv.slots)
-            durable = live[torch.isin(live, self.segment.durable_slots())]
-            picks = torch.randperm(len(durable), generator=torch.Generator().manual_seed(self.step))[:count]
-            chosen = sorted(durable[picks].tolist())
+            protected = self.coverage()[2]
+            picks = torch.randperm(len(protected), generator=torch.Generator().manual_seed(self.step))[:count]
+            chosen = sorted(protected[picks].tolist())
             for slot in chosen:
                 self.segment.table[slot, 0] ^= 0xFF
         chosen = sum(self.gather_objects(chosen), [])
@@ -386,17 +383,20 @@ class Protector:
         (self.drain.pause if pause else self.drain.resume)()
         return {"paused": pause, "step": self.step}
 
-    def _status(self) -> dict:
-        self.drain.flush(timeout_s=0)
-        counters = self.drain.counters()
+    def coverage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Live slots, slots with durable parity, and the live ones among those (protected)."""
         live = live_slots(self.allocator, self.kv.slots)
         durable = self.segment.durable_slots()
-        protected = int(torch.isin(live, durable).sum())
+        return live, durable, live[torch.isin(live, durable)]
+
+    def _status(self) -> dict:
+        counters = self.drain.counters()
+        live, durable, protected = self.coverage()
         mine = {
             "rank": self.rank, "code": self.settings.code, "parity_shards": self.geometry.parity_shards,
             "step": self.step, "durable_watermark": self.segment.watermark,
             "lag_steps": counters.lag_steps, "lag_seconds": counters.lag_seconds,
-            "live_slots": len(live), "protected_slots": protected,
+            "live_slots": len(live), "protected_slots": len(protected),
             "parity_bytes_in_use": len(durable) * self.geometry.record_bytes,
             "host_bytes": self.segment.size_bytes, "record_bytes": self.geometry.record_bytes,
             "bytes_drained": counters.bytes_drained, "stalls": counters.stalls, "drops": counters.drops,
