@@ -7,9 +7,10 @@ VENV := $(VENV_ROOT)/venv-$(shell sha256sum pyproject.toml | cut -c1-16)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 RUN_PORT ?= 30000
-# A stock SGLang server on the bundled tiny model (random weights, requests send input_ids), on CPU.
-CPU_SERVER := --model-path ghostserve_sglang/models/tiny-llama --load-format dummy --skip-tokenizer-init \
-	--device cpu --attention-backend torch_native --disable-cuda-graph --max-total-tokens 8192 --host 127.0.0.1
+# A stock SGLang server on the bundled tiny model (seeded weights and a tokenizer, generated at set-up),
+# on CPU in float32, with SGLang's /metrics on.
+CPU_SERVER := --model-path ghostserve_sglang/models/tiny-llama --device cpu --attention-backend torch_native \
+	--disable-cuda-graph --dtype float32 --max-total-tokens 8192 --host 127.0.0.1 --enable-metrics
 
 .PHONY: setup run test bench
 

@@ -40,3 +40,6 @@ if [ "$(cat "$venv/.source" 2>/dev/null)" != "$here" ]; then
   "$venv/bin/pip" install -q --no-deps -e "$here"
   echo "$here" > "$venv/.source"
 fi
+
+# The bundled models' weights and tokenizers (generated from a seed, checked against SHA256SUMS).
+"$venv/bin/python" -m ghostserve_sglang.models >/dev/null

@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ghostserve_sglang import models  # noqa: E402
 from ghostserve_sglang.campaign import run_trial  # noqa: E402
 from ghostserve_sglang.local_server import launched  # noqa: E402
 
@@ -31,11 +32,12 @@ def main() -> None:
     parser.add_argument("--parity-shards", type=int, default=1)
     parser.add_argument("--lose", type=int, default=1, help="ranks lost per fault")
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--model", default="tiny-llama", choices=models.NAMES, help="a bundled model")
     args = parser.parse_args()
     ghost = ["--ghost-code", args.code, "--ghost-parity-shards", str(args.parity_shards),
              "--ghost-enable-fault-injection", "1"]
     trials = []
-    with tempfile.TemporaryDirectory() as logs, launched(args.tp, ghost, log_dir=logs) as server:
+    with tempfile.TemporaryDirectory() as logs, launched(args.tp, ghost, log_dir=logs, model=args.model) as server:
         for i in range(args.trials):
             trial = run_trial(server, args.seed + i, ranks=args.tp, lose=args.lose)
             trials.append(trial)
@@ -48,7 +50,7 @@ def main() -> None:
     seconds = [t.recovery["seconds"] for t in trials]
     outcomes = collections.Counter(t.recovery["outcome"] for t in trials)
     print(f"\ncommand: python benchmarks/fault_campaign.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"TP={args.tp} {args.code} m={args.parity_shards}, {args.lose} rank(s) lost per fault, "
+    print(f"{args.model} (float32), TP={args.tp} {args.code} m={args.parity_shards}, {args.lose} rank(s) lost per fault, "
           f"{trials[0].requests} concurrent requests per trial (32-64 new tokens, mixed prompts)")
     print(f"trials {len(trials)}, faults mid-decode {sum(t.running_at_fault > 0 for t in trials)}, "
           f"requests {sum(t.requests for t in trials)}, "

@@ -27,6 +27,12 @@ def _generate_all(server: Server, mix, pool) -> list:
     return [pool.submit(server.generate, ids, new) for ids, new in mix]
 
 
+def generate_mix(server: Server, mix) -> list[list[int]]:
+    """Every request of ``mix`` at once; their output ids in order."""
+    with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
+        return [f.result()["output_ids"] for f in _generate_all(server, mix, pool)]
+
+
 @dataclasses.dataclass
 class Trial:
     seed: int
@@ -38,6 +44,8 @@ class Trial:
     wrong_tokens: int
     recovery: dict
     scrub: dict
+    mix: list = dataclasses.field(repr=False, default_factory=list)
+    reference: list = dataclasses.field(repr=False, default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -52,8 +60,7 @@ def run_trial(server: Server, seed: int, ranks: int, lose: int = 1, drills=()) -
     lost = sorted(rng.sample(range(ranks), lose))
     after_steps = rng.randrange(8, 28)
     server.post("/flush_cache")
-    with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
-        reference = [f.result()["output_ids"] for f in _generate_all(server, mix, pool)]
+    reference = generate_mix(server, mix)
     server.post("/flush_cache")
     with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
         start = server.control("status")["ranks"][0]["step"]
@@ -76,4 +83,4 @@ def run_trial(server: Server, seed: int, ranks: int, lose: int = 1, drills=()) -
     wrong = sum(a != b for o, r in zip(outputs, reference) if o is not None for a, b in zip(o, r))
     scrub = server.control("scrub")
     return Trial(seed, lost, reply["fault"]["step"], running, len(mix), lost_requests, wrong,
-                 reply.get("recovery", {}), scrub)
+                 reply.get("recovery", {}), scrub, mix, reference)

@@ -41,25 +41,45 @@ def _print_help() -> None:
     parser.print_help()
 
 
-def _announce_when_ready(host: str, port: int, instance_id: str) -> None:
-    """Tell the operator where the server is and how to check its protection, once it answers."""
-    url = f"http://{host}:{port}"
+def _banner(server_args, instance_id: str) -> str:
+    """Where the server is, a request to try (text when it has a tokenizer), where its metrics are, and
+    the two commands that check its protection."""
+    url = f"http://{server_args.host}:{server_args.port}"
+    json_header = "-H 'Content-Type: application/json'"
+    sampling = {"max_new_tokens": 16, "temperature": 0}
+    lines = [f"GhostServe-protected SGLang server ready at {url}"]
+    if server_args.skip_tokenizer_init:
+        body = json.dumps({"input_ids": [1, 2, 3, 4], "sampling_params": sampling})
+        lines.append(f"  try:     curl -s {url}/generate {json_header} -d '{body}'")
+    else:
+        body = json.dumps({"text": "The server keeps every request", "sampling_params": sampling})
+        chat = json.dumps({"model": server_args.served_model_name, "max_tokens": 16, "temperature": 0,
+                           "messages": [{"role": "user", "content": "Where is the parity kept?"}]})
+        lines.append(f"  try:     curl -s {url}/generate {json_header} -d '{body}'")
+        lines.append(f"  chat:    curl -s {url}/v1/chat/completions {json_header} -d '{chat}'")
+    if server_args.enable_metrics:
+        lines.append(f"  metrics: curl -s {url}/metrics | grep ^ghostserve_")
+    else:
+        lines.append("  metrics: off (add --enable-metrics to export the ghostserve_* series at /metrics)")
+    cli = os.path.join(sys.prefix, "bin", "ghostserve")
+    cli = cli if os.path.exists(cli) else "ghostserve"
+    lines.append(f"  status:  {cli} --instance-id {instance_id} status")
+    lines.append(f"  check:   {cli} --instance-id {instance_id} scrub")
+    return "\n".join(lines)
+
+
+def _announce_when_ready(server_args, instance_id: str) -> None:
+    """Print the banner once the server answers."""
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            with urllib.request.urlopen(f"http://{server_args.host}:{server_args.port}/health",
+                                        timeout=5) as response:
                 if response.status == 200:
                     break
         except OSError:
             pass
         time.sleep(1)
-    cli = os.path.join(sys.prefix, "bin", "ghostserve")
-    cli = cli if os.path.exists(cli) else "ghostserve"
-    body = json.dumps({"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": 8,
-                                                                       "temperature": 0}})
-    print(f"\nGhostServe-protected SGLang server ready at {url}\n"
-          f"  try:    curl -s {url}/generate -H 'Content-Type: application/json' -d '{body}'\n"
-          f"  status: {cli} --instance-id {instance_id} status\n"
-          f"  check:  {cli} --instance-id {instance_id} scrub\n", file=sys.stderr, flush=True)
+    print(f"\n{_banner(server_args, instance_id)}\n", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(chosen.log_format)
     load_plugins()
     if chosen.enabled:
-        threading.Thread(target=_announce_when_ready, args=(server_args.host, server_args.port, instance_id),
+        threading.Thread(target=_announce_when_ready, args=(server_args, instance_id),
                          daemon=True).start()
     try:
         run_server(server_args)

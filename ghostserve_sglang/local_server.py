@@ -1,5 +1,6 @@
-"""A real SGLang server started through ``python -m ghostserve_sglang.launch`` on the bundled tiny model,
-for tests, benchmarks and trying GhostServe out."""
+"""A real SGLang server started through ``python -m ghostserve_sglang.launch`` on a bundled model, for
+tests, benchmarks and trying GhostServe out. On CPU it serves in float32, where greedy outputs do not
+depend on how concurrent requests are batched, so a run can be compared token by token with another."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import urllib.request
 from collections.abc import Iterator
 
 from ghostserve_sglang import control
-from ghostserve_sglang.models import TINY_LLAMA
+from ghostserve_sglang import models
 
-COMMON_FLAGS = ["--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.1"]
-CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", *COMMON_FLAGS]
+COMMON_FLAGS = ["--host", "127.0.0.1"]
+CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+             "--dtype", "float32", *COMMON_FLAGS]
 
 
 def free_port() -> int:
@@ -62,9 +64,10 @@ class Server:
 def launched(tp_size: int, ghost_args: list[str], extra: list[str] = (), log_dir: str = "/tmp",
              max_total_tokens: int = 8192, start_timeout_s: float = 400,
              plain_sglang_env: dict[str, str] | None = None, flags: list[str] = CPU_FLAGS,
-             ) -> Iterator[Server]:
+             model: str = "tiny-llama") -> Iterator[Server]:
     """A server from our launcher with ``ghost_args``; or, with ``plain_sglang_env``, from
-    ``python -m sglang.launch_server`` with those GHOSTSERVE_* variables set."""
+    ``python -m sglang.launch_server`` with those GHOSTSERVE_* variables set. ``model`` names a bundled
+    model (see :mod:`ghostserve_sglang.models`)."""
     port = free_port()
     log_path = os.path.join(log_dir, f"ghostserve-server-{port}.log")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTSERVE_")}
@@ -72,7 +75,7 @@ def launched(tp_size: int, ghost_args: list[str], extra: list[str] = (), log_dir
     if plain_sglang_env is not None:
         module = "sglang.launch_server"
         env.update(plain_sglang_env)
-    command = [sys.executable, "-m", module, "--model-path", str(TINY_LLAMA),
+    command = [sys.executable, "-m", module, "--model-path", str(models.path(model)),
                *flags, "--tp-size", str(tp_size), "--port", str(port),
                "--max-total-tokens", str(max_total_tokens), *extra, *ghost_args]
     with open(log_path, "w") as log:

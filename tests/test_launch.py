@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from ghostserve_sglang import launch, settings
-from ghostserve_sglang.models import TINY_LLAMA
+from ghostserve_sglang import launch, models, settings
 from ghostserve_sglang.settings import OPTIONS, Settings, SettingsError
 from ghostserve_sglang.sglang import patches
 
-BASE = ["--model-path", str(TINY_LLAMA), "--device", "cpu", "--load-format", "dummy", "--skip-tokenizer-init"]
+BASE = ["--model-path", str(models.path()), "--device", "cpu"]
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -63,3 +62,16 @@ def test_flags_win_over_environment():
     assert (chosen.code, chosen.staging_mib) == ("replicate", 8)
     with pytest.raises(SettingsError, match="GHOSTSERVE_STRICT"):
         Settings.from_env({"GHOSTSERVE_STRICT": "2"})
+
+
+def test_banner_offers_text_chat_and_metrics_when_the_server_has_them():
+    import types
+
+    args = types.SimpleNamespace(host="127.0.0.1", port=30000, skip_tokenizer_init=False, enable_metrics=True,
+                                 served_model_name="tiny")
+    banner = launch._banner(args, "30000")
+    assert '"text": ' in banner and "/v1/chat/completions" in banner and '"model": "tiny"' in banner
+    assert "metrics: curl -s http://127.0.0.1:30000/metrics" in banner
+    args.skip_tokenizer_init, args.enable_metrics = True, False
+    banner = launch._banner(args, "30000")
+    assert '"input_ids": ' in banner and "chat:" not in banner and "add --enable-metrics" in banner

@@ -21,7 +21,10 @@ def _gf_apply_kernel(
     src_ptr, src_stride, dst_ptr, dst_stride, coef_ptr, length, n_sources,
     REDUCE: tl.constexpr, ALL_ONES: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(1)
+    # Row offsets in 64 bits: a row can start more than 2^31 bytes into its allocation.
+    row = tl.program_id(1).to(tl.int64)
+    src_stride = tl.cast(src_stride, tl.int64)
+    dst_stride = tl.cast(dst_stride, tl.int64)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < length
     acc = tl.zeros([BLOCK], dtype=tl.int32)
