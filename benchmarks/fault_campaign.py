@@ -37,7 +37,8 @@ def main() -> None:
     ghost = ["--ghost-code", args.code, "--ghost-parity-shards", str(args.parity_shards),
              "--ghost-enable-fault-injection", "1"]
     trials = []
-    with tempfile.TemporaryDirectory() as logs, launched(args.tp, ghost, log_dir=logs, model=args.model) as server:
+    with tempfile.TemporaryDirectory() as logs, \
+            launched(args.tp, ghost, log_dir=logs, model=args.model) as server:
         for i in range(args.trials):
             trial = run_trial(server, args.seed + i, ranks=args.tp, lose=args.lose)
             trials.append(trial)
@@ -50,7 +51,8 @@ def main() -> None:
     seconds = [t.recovery["seconds"] for t in trials]
     outcomes = collections.Counter(t.recovery["outcome"] for t in trials)
     print(f"\ncommand: python benchmarks/fault_campaign.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"{args.model} (float32), TP={args.tp} {args.code} m={args.parity_shards}, {args.lose} rank(s) lost per fault, "
+    print(f"{args.model} (float32), TP={args.tp} {args.code} m={args.parity_shards}, "
+          f"{args.lose} rank(s) lost per fault, "
           f"{trials[0].requests} concurrent requests per trial (32-64 new tokens, mixed prompts)")
     print(f"trials {len(trials)}, faults mid-decode {sum(t.running_at_fault > 0 for t in trials)}, "
           f"requests {sum(t.requests for t in trials)}, "

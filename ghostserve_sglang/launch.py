@@ -53,7 +53,8 @@ def _banner(server_args, instance_id: str) -> str:
         lines.append(f"  try:     curl -s {url}/generate {json_header} -d '{body}'")
     else:
         body = json.dumps({"text": "The server keeps every request", "sampling_params": sampling})
-        chat = json.dumps({"model": server_args.served_model_name, "max_tokens": 16, "temperature": 0,
+        model = server_args.served_model_name or server_args.model_path
+        chat = json.dumps({"model": model, "max_tokens": 16, "temperature": 0,
                            "messages": [{"role": "user", "content": "Where is the parity kept?"}]})
         lines.append(f"  try:     curl -s {url}/generate {json_header} -d '{body}'")
         lines.append(f"  chat:    curl -s {url}/v1/chat/completions {json_header} -d '{chat}'")

@@ -15,8 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
-from ghostserve_sglang import control
-from ghostserve_sglang import models
+from ghostserve_sglang import control, models
 
 COMMON_FLAGS = ["--host", "127.0.0.1"]
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",

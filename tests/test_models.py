@@ -56,7 +56,8 @@ def test_tokenizer_matches_the_model_and_round_trips_text():
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     config = json.loads((folder / "config.json").read_text())
     assert len(tokenizer) == config["vocab_size"]
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (config["bos_token_id"], config["eos_token_id"])
+    assert tokenizer.bos_token_id == config["bos_token_id"]
+    assert tokenizer.eos_token_id == config["eos_token_id"]
     text = "The server keeps 42 requests, and every one finishes!"
     ids = tokenizer(text)["input_ids"]
     assert len(ids) < len(text) / 2 and tokenizer.decode(ids) == text

@@ -29,6 +29,7 @@ def test_readme_opens_with_the_two_commands():
 
 
 def test_make_run_serves_a_protected_tp2_server_and_prints_how_to_use_it(tmp_path):
+    """The banner's text request, chat request, metrics and scrub commands all work as printed."""
     port = free_port()
     log_path = tmp_path / "make-run.log"
     with open(log_path, "w") as log:
@@ -40,11 +41,21 @@ def test_make_run_serves_a_protected_tp2_server_and_prints_how_to_use_it(tmp_pat
             assert make.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(1)
         banner = log_path.read_text().split("server ready at", 1)[1]
-        curl = re.search(r"try:\s+(curl .*)", banner).group(1)
-        reply = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True).stdout)
-        assert len(reply["output_ids"]) == 8
-        scrub = re.search(r"check:\s+(.*)", banner).group(1).split()
-        done = subprocess.run(scrub, capture_output=True, text=True, timeout=300)
+
+        def command(label: str) -> str:
+            return re.search(rf"{label}:\s+(.*)", banner).group(1)
+
+        def shell(line: str) -> str:
+            return subprocess.run(line, shell=True, capture_output=True, text=True, timeout=300).stdout
+
+        reply = json.loads(shell(command("try")))
+        assert '"text": ' in command("try") and reply["text"].strip(), reply
+        assert reply["meta_info"]["completion_tokens"] > 0
+        chat = json.loads(shell(command("chat")))
+        assert chat["choices"][0]["message"]["content"].strip(), chat
+        metrics = shell(command("metrics"))
+        assert "ghostserve_steps_captured_total" in metrics, metrics[:2000]
+        done = subprocess.run(command("check").split(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0 and " 0 mismatching" in done.stdout, done.stdout + done.stderr
     finally:
         os.killpg(make.pid, signal.SIGTERM)  # as Ctrl-C in a terminal: every process of the group

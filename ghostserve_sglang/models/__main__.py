@@ -5,7 +5,7 @@ change to the generator."""
 import argparse
 import sys
 
-from . import NAMES, HERE, build, path
+from . import HERE, NAMES, build, path
 
 
 def main() -> None:

@@ -156,8 +156,9 @@ def build(source: Path, target: Path, check: bool = True) -> None:
             want = expected_sums(source)
             for name in GENERATED:
                 if _sha256(staged / name) != want[name]:
-                    raise RuntimeError(f"generated {name} for {source.name} differs from {source}/SHA256SUMS; "
-                                       "the numpy or tokenizers release changed its output")
+                    raise RuntimeError(f"generated {name} for {source.name} differs from "
+                                       f"{source}/SHA256SUMS; the numpy or tokenizers release changed "
+                                       "its output")
         if target != source:
             for name in ("config.json", "SHA256SUMS"):
                 (staged / name).write_bytes((source / name).read_bytes())
