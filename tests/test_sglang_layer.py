@@ -168,3 +168,30 @@ def test_cpu_tp_environment_gives_each_rank_cores():
     assert cpu_compat.tp_environment(2, cores=[0, 1, 2, 3])["OMP_NUM_THREADS"] == "2"
     assert cpu_compat.tp_environment(4, cores=[0, 1])["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1|0|1"
     assert not __import__("os").path.exists(env["SGLANG_NCCL_SO_PATH"])
+
+
+def test_ordered_all_reduce_sums_in_rank_order_whatever_the_length():
+    """Three gloo ranks: gloo's own all-reduce gives some positions different sums at different tensor
+    lengths (so a token's activations depend on its batch); the ordered one never does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ghostserve_sglang.local_server import free_port
+
+    script, port = Path(__file__).with_name("allreduce_rank.py"), str(free_port())
+    ranks = [subprocess.Popen([sys.executable, str(script), str(r), port], stdout=subprocess.PIPE, text=True)
+             for r in range(3)]
+    replies = [rank.communicate(timeout=300)[0].split() for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks)
+    for gloo_varying_positions, ordered_wrong in replies:
+        assert int(gloo_varying_positions) > 0 and int(ordered_wrong) == 0
+
+
+def test_cpu_targets_are_declared_and_wrap_and_unwrap():
+    original = patches.CPU_TARGETS[0].owner()[0].__dict__["all_reduce"]
+    patcher = Patcher(patches.CPU_TARGETS)
+    patcher.install()
+    assert isinstance(patches.CPU_TARGETS[0].owner()[0].__dict__["all_reduce"], wrapt.FunctionWrapper)
+    patcher.uninstall()
+    assert patches.CPU_TARGETS[0].owner()[0].__dict__["all_reduce"] is original

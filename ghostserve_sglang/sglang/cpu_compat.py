@@ -5,6 +5,13 @@ Applied only on CPU: a ``vllm._custom_ops`` stand-in (SGLang's RotaryEmbedding i
 environment settings SGLang reads in each scheduler (one OpenMP core list per rank, and an NCCL library
 path that does not exist so the pynccl communicator disables itself and collectives go over gloo), plus
 an OpenMP thread count that matches each rank's core list.
+
+For TP > 2 also an all-reduce that sums the ranks' parts in rank order (:func:`ordered_all_reduce`,
+installed through the patch table). Gloo's ring all-reduce adds each element's parts in an order that
+depends on where the element falls in its chunk of the tensor, so on three or more ranks the same
+token's activations come out different in the last bits when the batch around it has another size, and
+two runs of the same concurrent requests can pick different greedy tokens. With two ranks the order
+cannot matter (a + b == b + a in floating point), so TP=2 keeps SGLang's own all-reduce.
 """
 
 from __future__ import annotations
@@ -39,6 +46,22 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
             heads[..., : rot // 2], heads[..., rot // 2 :] = o1, o2
         else:
             heads[..., 0::2], heads[..., 1::2] = o1, o2
+
+
+def ordered_all_reduce(wrapped, instance, args, kwargs):
+    """``GroupCoordinator.all_reduce`` on CPU with more than two ranks: gather every rank's part and add
+    them in rank order, in place, as SGLang's CPU path does; the sum then depends on the element alone,
+    not on the batch around it."""
+    part = args[0] if args else kwargs["input_"]
+    if instance.world_size <= 2 or not part.is_cpu:
+        return wrapped(*args, **kwargs)
+    parts = [torch.empty_like(part) for _ in range(instance.world_size)]
+    torch.distributed.all_gather(parts, part.contiguous(), group=instance.device_group)
+    total = parts[0]
+    for other in parts[1:]:
+        total += other
+    part.copy_(total)
+    return part
 
 
 def needs_rotary_standin() -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import structlog
 import wrapt
 
-from . import hooks
+from . import cpu_compat, hooks
 
 log = structlog.get_logger("ghostserve.patches")
 
@@ -61,6 +61,12 @@ TARGETS = (
     Target("sglang.srt.mem_cache.memory_pool", "MHATokenToKVPool.move_kv_cache", hooks.pool_move_kv_cache),
 )
 
+# On a CPU-only machine, whether or not protection is on (``--ghost-code off`` too): see cpu_compat.
+CPU_TARGETS = (
+    Target("sglang.srt.distributed.parallel_state", "GroupCoordinator.all_reduce",
+           cpu_compat.ordered_all_reduce),
+)
+
 
 def load_spec(path: pathlib.Path = SPEC_PATH) -> dict:
     try:
@@ -81,7 +87,7 @@ def check_supported(spec: dict | None = None, version: str | None = None) -> Non
     if version not in spec["sglang_versions"]:
         raise PatchError(f"sglang {version} is not supported; supported: {', '.join(spec['sglang_versions'])}"
                          " (--ghost-allow-unsupported-sglang=1 installs anyway)")
-    for target in TARGETS:
+    for target in (*TARGETS, *CPU_TARGETS):
         expected = spec["signatures"].get(target.key)
         found = signature_of(target)
         if expected != found:
@@ -139,3 +145,4 @@ class Patcher:
 
 
 PATCHER = Patcher()
+CPU_PATCHER = Patcher(CPU_TARGETS)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .. import logs
 from ..settings import Settings, SettingsError
 from . import cpu_compat, hooks
-from .patches import PATCHER, PatchError
+from .patches import CPU_PATCHER, PATCHER, PatchError
 
 
 def load() -> None:
@@ -24,11 +26,13 @@ def load() -> None:
     except SettingsError as exc:
         raise SystemExit(f"ghostserve: error: {exc}") from None
     logs.configure(settings.log_format)
-    cpu_compat.install_rotary_standin()
-    if not settings.enabled:
-        return
-    hooks.STATE.settings = settings
     try:
+        cpu_compat.install_rotary_standin()
+        if not torch.cuda.is_available():
+            CPU_PATCHER.install(allow_unsupported=settings.allow_unsupported_sglang)
+        if not settings.enabled:
+            return
+        hooks.STATE.settings = settings
         PATCHER.install(allow_unsupported=settings.allow_unsupported_sglang)
     except PatchError as exc:
         # SystemExit passes SGLang's plugin loader, which logs and swallows ordinary exceptions.
