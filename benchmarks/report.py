@@ -1,7 +1,7 @@
 """GhostServe against the paper's baselines on a real SGLang server, in one run: a markdown report and PNG
 plots, stamped with the machine, the versions and the command.
 
-Modes, all started through ``python -m ghostserve_sglang.launch`` (TP=2, bundled tiny Llama, CPU):
+Modes, all started through ``python -m ghostserve_sglang.launch`` (TP=2, bundled tiny Llama in float32, CPU):
 off; xor; rs (m=1: the largest m TP=2 allows); replicate (a full KV copy in host memory, the DejaVu-style
 baseline); file (a full copy on local disk, msync'ed: the SSD baseline); recompute (no use of parity:
 recovery prefills the lost requests again). Every figure is a ratio against a baseline measured in the
@@ -174,7 +174,7 @@ def stamp(command: str) -> str:
     return (f"- command: `{command}`\n- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}\n"
             f"- machine: {platform.machine()}, {cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, no GPU\n"
             f"- versions: Python {platform.python_version()}, {versions}, ghostserve-sglang {sha}\n"
-            f"- server: TP={TP}, bundled tiny Llama (2 layers, 12 heads of 16, bf16 KV, random weights), "
+            f"- server: TP={TP}, bundled tiny Llama (2 layers, 12 heads of 16, seeded weights, float32 KV), "
             "CPU (`--device cpu --attention-backend torch_native`)\n")
 
 
