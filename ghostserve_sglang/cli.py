@@ -16,8 +16,9 @@ def _instance(args: argparse.Namespace) -> str:
 
 def _print_status(reply: dict) -> None:
     print(f"instance {reply['instance_id']}")
-    columns = ("rank", "code", "step", "durable_watermark", "lag_steps", "live_slots", "protected_slots",
-               "parity_bytes_in_use", "host_bytes", "stalls", "drops", "checksum_failures", "errors")
+    columns = ("rank", "pid", "code", "step", "durable_watermark", "lag_steps", "live_slots",
+               "protected_slots", "parity_bytes_in_use", "host_bytes", "stalls", "drops",
+               "checksum_failures", "errors")
     print("  ".join(columns))
     for rank in reply["ranks"]:
         print("  ".join(str(rank[c]).rjust(len(c)) for c in columns))
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     drain = sub.add_parser("drain", help="pause or resume the parity drain on every rank (needs "
                            "--ghost-enable-fault-injection; for drills)")
     drain.add_argument("action", choices=("pause", "resume"))
+    kill = sub.add_parser("kill-rank", help="send a signal to one rank's scheduler process (needs "
+                          "--ghost-enable-fault-injection; a drill of a process death)")
+    kill.add_argument("--rank", type=int, required=True)
+    kill.add_argument("--signal", default="KILL", choices=("KILL", "TERM", "SEGV"))
     args = parser.parse_args(argv)
     request_args = {
         "scrub": lambda: {"wait": not args.no_wait},
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "corrupt-parity": lambda: {"rank": args.rank, "slots": args.slots},
         "recover": lambda: {"ranks": args.ranks or []},
         "drain": lambda: {"pause": args.action == "pause"},
+        "kill-rank": lambda: {"rank": args.rank, "signal": args.signal},
     }.get(args.command, dict)()
     try:
         reply = call(_instance(args), args.command, request_args, timeout_s=args.timeout)

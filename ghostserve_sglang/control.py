@@ -16,7 +16,7 @@ import queue
 import socket
 import threading
 
-OPS = ("status", "scrub", "recover", "inject-fault", "corrupt-parity", "drain")
+OPS = ("status", "scrub", "recover", "inject-fault", "corrupt-parity", "drain", "kill-rank")
 
 
 class ControlError(RuntimeError):

@@ -20,7 +20,8 @@ from . import logs, settings
 from .control import socket_path
 from .settings import SettingsError
 from .sglang import cpu_compat
-from .sglang.patches import PatchError, check_supported
+from .sglang.patches import MAIN_PATCHER, PatchError, check_supported
+from .sglang.supervisor import SUPERVISOR
 from .store import remove_orphans
 
 
@@ -118,17 +119,28 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(chosen.log_format)
     load_plugins()
     if chosen.enabled:
+        SUPERVISOR.configure(lambda: _clean_up(instance_id))
+        try:
+            MAIN_PATCHER.install(allow_unsupported=chosen.allow_unsupported_sglang)
+        except PatchError as exc:
+            _fail(exc)
         threading.Thread(target=_announce_when_ready, args=(server_args, instance_id),
                          daemon=True).start()
     try:
         run_server(server_args)
     finally:
         kill_process_tree(os.getpid(), include_parent=False)
-        for path in remove_orphans(instance_id) if chosen.enabled else []:
-            print(f"ghostserve: removed {path}", file=sys.stderr)
-        stale_socket = socket_path(instance_id)
-        if chosen.enabled and os.path.exists(stale_socket):
-            os.unlink(stale_socket)
+        if chosen.enabled:
+            _clean_up(instance_id)
+
+
+def _clean_up(instance_id: str) -> None:
+    """Remove what a stopped server leaves: its host segments and its control socket."""
+    for path in remove_orphans(instance_id):
+        print(f"ghostserve: removed {path}", file=sys.stderr)
+    stale_socket = socket_path(instance_id)
+    if os.path.exists(stale_socket):
+        os.unlink(stale_socket)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def test_make_run_serves_a_protected_tp2_server_and_prints_how_to_use_it(tmp_pat
         make.wait(timeout=120)
     time.sleep(2)
     assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"ghostserve-{port}")]
+    assert "fail stop" not in log_path.read_text()  # stopping the whole server is not a fault
 
 
 def test_readme_documents_every_ghost_flag_and_its_variable():

@@ -82,3 +82,5 @@ def test_drills_are_refused_unless_enabled(tmp_path):
     with launched(1, ["--ghost-code", "replicate"], log_dir=str(tmp_path)) as plain:
         with pytest.raises(ControlError, match="ghost-enable-fault-injection"):
             plain.control("inject-fault", ranks=[0])
+        with pytest.raises(ControlError, match="ghost-enable-fault-injection"):
+            plain.control("kill-rank", rank=0)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import structlog
 import wrapt
 
-from . import cpu_compat, hooks
+from . import cpu_compat, hooks, supervisor
 
 log = structlog.get_logger("ghostserve.patches")
 
@@ -67,6 +67,18 @@ CPU_TARGETS = (
            cpu_compat.ordered_all_reduce),
 )
 
+# In SGLang's main process, when the launcher protects the server: supervision of the scheduler processes
+# (docs/rank-restart.md).
+MAIN_TARGETS = (
+    Target("sglang.srt.entrypoints.engine", "Engine._launch_scheduler_processes",
+           supervisor.launch_scheduler_processes),
+    Target("sglang.srt.managers.tokenizer_manager", "SignalHandler.__init__", supervisor.signal_handler_init),
+    Target("sglang.srt.managers.tokenizer_manager", "SignalHandler.running_phase_sigquit_handler",
+           supervisor.running_phase_sigquit),
+    Target("sglang.srt.utils.watchdog", "SubprocessWatchdog._check_processes",
+           supervisor.watchdog_check_processes),
+)
+
 
 def load_spec(path: pathlib.Path = SPEC_PATH) -> dict:
     try:
@@ -87,7 +99,7 @@ def check_supported(spec: dict | None = None, version: str | None = None) -> Non
     if version not in spec["sglang_versions"]:
         raise PatchError(f"sglang {version} is not supported; supported: {', '.join(spec['sglang_versions'])}"
                          " (--ghost-allow-unsupported-sglang=1 installs anyway)")
-    for target in (*TARGETS, *CPU_TARGETS):
+    for target in (*TARGETS, *CPU_TARGETS, *MAIN_TARGETS):
         expected = spec["signatures"].get(target.key)
         found = signature_of(target)
         if expected != found:
@@ -100,6 +112,8 @@ def signature_of(target: Target) -> str:
     function = inspect.unwrap(cls.__dict__[attr]) if attr in cls.__dict__ else getattr(cls, attr)
     if isinstance(function, wrapt.FunctionWrapper):
         function = function.__wrapped__
+    if isinstance(function, classmethod | staticmethod):
+        function = function.__func__
     return str(inspect.signature(function))
 
 
@@ -146,3 +160,4 @@ class Patcher:
 
 PATCHER = Patcher()
 CPU_PATCHER = Patcher(CPU_TARGETS)
+MAIN_PATCHER = Patcher(MAIN_TARGETS)

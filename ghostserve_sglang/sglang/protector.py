@@ -33,14 +33,14 @@ from ..settings import Settings
 from ..store.drain import ParityDrain
 from ..store.geometry import StoreGeometry
 from ..store.segment import SHM_DIR, ParitySegment
-from . import recovery
+from . import drills, recovery
 from .kv import KVView, live_slots
 
 log = structlog.get_logger("ghostserve.protector")
 
 QUEUE_STEPS = 64  # steps captured but not yet encoded before the scheduler waits
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
-DRILLS = ("inject-fault", "corrupt-parity", "drain")  # need --ghost-enable-fault-injection
+DRILLS = ("inject-fault", "corrupt-parity", "drain", "kill-rank")  # need --ghost-enable-fault-injection
 
 
 def _quantiles(values: list[float]) -> dict:
@@ -151,6 +151,8 @@ class Protector:
             return self.call(lambda: self._drain_control(bool(args["pause"])))
         if request.op == "corrupt-parity":
             return self.call(lambda: self._corrupt(int(args["rank"]), int(args["slots"])))
+        if request.op == "kill-rank":
+            return drills.kill_rank(self, args.get("rank"), args.get("signal", "KILL"))
         ranks = args.get("ranks") or sorted(self.lost)
         if not ranks:
             return {"error": f"{request.op} needs --rank: no rank has lost its KV"}
@@ -393,7 +395,8 @@ class Protector:
         counters = self.drain.counters()
         live, durable, protected = self.coverage()
         mine = {
-            "rank": self.rank, "code": self.settings.code, "parity_shards": self.geometry.parity_shards,
+            "rank": self.rank, "pid": os.getpid(), "code": self.settings.code,
+            "parity_shards": self.geometry.parity_shards,
             "step": self.step, "durable_watermark": self.segment.watermark,
             "lag_steps": counters.lag_steps, "lag_seconds": counters.lag_seconds,
             "live_slots": len(live), "protected_slots": len(protected),

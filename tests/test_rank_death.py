@@ -1,0 +1,77 @@
+"""A rank's scheduler process dies on a real TP=2 server (CPU): the supervisor notices it, and since a
+replacement cannot join yet (docs/rank-restart.md), the server fails stop cleanly: every pending
+request gets an error response naming the dead rank, every process exits, nothing is left in /dev/shm,
+and one log line says why."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import random
+import signal
+import time
+import urllib.error
+
+import pytest
+
+from ghostserve_sglang.campaign import request_mix
+from ghostserve_sglang.control import ControlError
+from ghostserve_sglang.local_server import launched
+
+GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1"]
+
+
+def outcome(future) -> str:
+    try:
+        future.result(timeout=60)
+        return "completed"
+    except urllib.error.HTTPError as exc:
+        return f"http {exc.code}: {exc.read().decode()[:300]}"
+    except Exception as exc:  # connection reset, no response
+        return f"no response: {exc!r}"
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for an init that does not reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["kill -9", "kill-rank SEGV"])
+def test_a_dead_rank_fails_stop_cleanly_with_an_error_for_every_request(how, tmp_path):
+    with launched(2, GHOST, ["--chunked-prefill-size", "128"], log_dir=str(tmp_path)) as server:
+        pids = [r["pid"] for r in server.control("status")["ranks"]]
+        mix = request_mix(random.Random(5)) + [([7] * 600, 16)]  # one long prompt in chunked prefill
+        with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
+            futures = [pool.submit(server.generate, ids, new) for ids, new in mix]
+            start = server.control("status")["ranks"][0]["step"]
+            while server.control("status")["ranks"][0]["step"] < start + 5:
+                time.sleep(0.01)
+            killed_at = time.monotonic()
+            with pytest.raises(ControlError, match="rank=7 is not allowed"):
+                server.control("kill-rank", rank=7)
+            if how == "kill -9":
+                os.kill(pids[1], signal.SIGKILL)
+            else:
+                reply = server.control("kill-rank", rank=1, signal="SEGV")
+                assert reply == {"rank": 1, "pid": pids[1], "signal": "SEGV"}
+            outcomes = [outcome(f) for f in futures]
+        server.process.wait(timeout=30)
+        stopped_after = time.monotonic() - killed_at
+        log = server.log()
+    pending = [o for o in outcomes if o != "completed"]
+    assert pending, outcomes  # the kill landed while requests were running
+    assert all(o.startswith("http 503") and "TP rank 1" in o for o in pending), pending
+    assert server.process.returncode == 1 and stopped_after < 20
+    assert not any(alive(pid) for pid in pids)
+    assert [line for line in log.splitlines() if line.startswith("ghostserve: fail stop:")] == [
+        f"ghostserve: fail stop: TP rank 1's scheduler process (pid {pids[1]}) was killed by "
+        f"{'SIGKILL' if how == 'kill -9' else 'SIGSEGV'}; the server cannot continue without it"]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"ghostserve-{server.port}")]
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert not events or all(e.get("event") != "recovery" for e in events)
+
