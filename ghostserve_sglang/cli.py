@@ -19,9 +19,10 @@ def _print_status(reply: dict) -> None:
     columns = ("rank", "pid", "code", "step", "durable_watermark", "lag_steps", "live_slots",
                "protected_slots", "parity_bytes_in_use", "host_bytes", "stalls", "drops",
                "checksum_failures", "errors")
-    print("  ".join(columns))
+    widths = [max(len(c), *(len(str(rank[c])) for rank in reply["ranks"])) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for rank in reply["ranks"]:
-        print("  ".join(str(rank[c]).rjust(len(c)) for c in columns))
+        print("  ".join(str(rank[c]).rjust(w) for c, w in zip(columns, widths)))
 
 
 def _print_scrub(reply: dict) -> None:
