@@ -44,7 +44,6 @@ class Supervisor:
         self.clean_up = lambda: None  # what the launcher removes when the server stops
         self.standing_down = False  # the server is being stopped on purpose
         self.stopping = threading.Event()
-        self.deaths: list[dict] = []
         self._thread: threading.Thread | None = None
         self._stop_lock = threading.Lock()
 
@@ -91,9 +90,8 @@ class Supervisor:
         return all(p.exitcode in (-signal.SIGTERM, -signal.SIGINT) for p in self.processes)
 
     def _on_death(self, rank: int, process) -> None:
-        death = {"rank": rank, "pid": process.pid, "exitcode": process.exitcode, "detected_at": time.time()}
-        self.deaths.append(death)
-        log.error("rank process died", **death, how=describe_exit(process.exitcode))
+        log.error("rank process died", rank=rank, pid=process.pid, exitcode=process.exitcode,
+                  how=describe_exit(process.exitcode))
         self.fail_stop(f"TP rank {rank}'s scheduler process (pid {process.pid}) "
                        f"{describe_exit(process.exitcode)}; the server cannot continue without it")
 
