@@ -8,6 +8,7 @@ import os
 import sys
 
 from .control import ControlError, call
+from .sglang.drills import SIGNALS
 
 
 def _instance(args: argparse.Namespace) -> str:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     kill = sub.add_parser("kill-rank", help="send a signal to one rank's scheduler process (needs "
                           "--ghost-enable-fault-injection; a drill of a process death)")
     kill.add_argument("--rank", type=int, required=True)
-    kill.add_argument("--signal", default="KILL", choices=("KILL", "TERM", "SEGV"))
+    kill.add_argument("--signal", default="KILL", choices=SIGNALS)
     args = parser.parse_args(argv)
     request_args = {
         "scrub": lambda: {"wait": not args.no_wait},

@@ -23,10 +23,14 @@ HERE = Path(__file__).parent
 NAMES = ("tiny-llama", "tiny-llama-gqa")
 
 
-def path(name: str = "tiny-llama") -> Path:
-    """The folder of bundled model ``name``, generated first if it is not there yet."""
+def check_name(name: str) -> None:
     if name not in NAMES:
         raise ValueError(f"model {name!r} is not bundled; bundled: {', '.join(NAMES)}")
+
+
+def path(name: str = "tiny-llama") -> Path:
+    """The folder of bundled model ``name``, generated first if it is not there yet."""
+    check_name(name)
     source = HERE / name
     if build.is_built(source):
         return source

@@ -5,7 +5,7 @@ change to the generator."""
 import argparse
 import sys
 
-from . import HERE, NAMES, build, path
+from . import HERE, NAMES, build, check_name, path
 
 
 def main() -> None:
@@ -15,8 +15,10 @@ def main() -> None:
     parser.add_argument("--write-sums", action="store_true")
     args = parser.parse_args()
     for name in args.names:
-        if name not in NAMES:
-            parser.error(f"model {name!r} is not bundled; bundled: {', '.join(NAMES)}")
+        try:
+            check_name(name)
+        except ValueError as exc:
+            parser.error(str(exc))
         if args.write_sums:
             build.build(HERE / name, HERE / name, check=False)
             build.write_sums(HERE / name)
