@@ -19,10 +19,20 @@ import urllib.request
 from . import logs, settings
 from .control import socket_path
 from .settings import SettingsError
-from .sglang import cpu_compat
+from .sglang import cpu_compat, membership
 from .sglang.patches import MAIN_PATCHER, PatchError, check_supported
 from .sglang.supervisor import SUPERVISOR
 from .store import remove_orphans
+
+
+# What a dead rank's replacement needs from every scheduler process (docs/rank-restart.md): the launcher
+# supervises them; the prefix tree is SGLang's Python core, whose state can be copied to a replacement; the
+# request broadcast uses plain gloo groups, which the ranks re-form.
+RESTART_ENVIRONMENT = {
+    membership.SUPERVISED_ENV: "1",
+    "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND": "python",
+    "SGLANG_USE_MESSAGE_QUEUE_BROADCASTER": "0",
+}
 
 
 def _fail(message: object) -> None:
@@ -102,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
+    if chosen.enabled and "--disable-overlap-schedule" not in sglang_argv:
+        sglang_argv.append("--disable-overlap-schedule")  # a replacement resumes SGLang's plain loop
     server_args = prepare_server_args(sglang_argv)
     try:
         chosen.check_topology(server_args.tp_size, server_args.pp_size, server_args.dp_size)
@@ -112,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     environment = chosen.to_env()
     instance_id = chosen.instance_id or str(server_args.port)
     environment["GHOSTSERVE_INSTANCE_ID"] = instance_id
+    if chosen.enabled:
+        environment.update(RESTART_ENVIRONMENT)
     os.environ.update(environment)
     if server_args.device == "cpu":
         for name, value in cpu_compat.tp_environment(server_args.tp_size).items():
@@ -119,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(chosen.log_format)
     load_plugins()
     if chosen.enabled:
-        SUPERVISOR.configure(lambda: _clean_up(instance_id))
+        SUPERVISOR.configure(lambda: _clean_up(instance_id), instance_id, chosen.rejoin_timeout_seconds)
         try:
             MAIN_PATCHER.install(allow_unsupported=chosen.allow_unsupported_sglang)
         except PatchError as exc:
@@ -138,6 +152,7 @@ def _clean_up(instance_id: str) -> None:
     """Remove what a stopped server leaves: its host segments and its control socket."""
     for path in remove_orphans(instance_id):
         print(f"ghostserve: removed {path}", file=sys.stderr)
+    membership.remove(instance_id)
     stale_socket = socket_path(instance_id)
     if os.path.exists(stale_socket):
         os.unlink(stale_socket)

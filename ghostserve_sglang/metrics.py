@@ -39,6 +39,7 @@ class Metrics:
             ("ghostserve_slots_recomputed_total", "KV slots left to SGLang to recompute by recoveries."),
             ("ghostserve_scrub_mismatches_total", "Slots whose host parity differed from the KV in scrubs."),
             ("ghostserve_errors_total", "Errors inside GhostServe (counted, logged once; SGLang continued)."),
+            ("ghostserve_rank_restarts_total", "Times this TP rank's process died and was replaced."),
         ):
             c[name] = Counter(name, doc, LABELS).labels(**labels)
         self.counters = c
@@ -64,6 +65,11 @@ class Metrics:
         self.recovery_seconds = Histogram(
             "ghostserve_recovery_duration_seconds", "Wall time of a recovery, rebuild and recompute.",
             LABELS, buckets=LATENCY_BUCKETS).labels(**labels)
+        self.restart_phase_seconds = Histogram(
+            "ghostserve_rank_restart_phase_seconds", "Wall time of each phase of a rank replacement "
+            "(hold, join, state_transfer, flush, read, exchange, decode, scatter, recompute).",
+            (*LABELS, "phase"), buckets=LATENCY_BUCKETS)
+        self._labels = labels
         self._mirrored: dict[str, float] = {}
 
     def add(self, name: str, amount: float = 1) -> None:
@@ -79,6 +85,12 @@ class Metrics:
 
     def set(self, name: str, value: float) -> None:
         self.gauges[name].set(value)
+
+    def restarted(self, phases: dict[str, float]) -> None:
+        """This rank's process is a replacement that has just joined and been rebuilt."""
+        self.add("ghostserve_rank_restarts_total")
+        for phase, seconds in phases.items():
+            self.restart_phase_seconds.labels(**self._labels, phase=phase.removesuffix("_seconds")).observe(seconds)
 
     def recovered(self, outcome: str, seconds: float, rebuilt: int, recomputed: int) -> None:
         self.recoveries_by_outcome[outcome].inc()

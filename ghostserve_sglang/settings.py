@@ -77,6 +77,8 @@ OPTIONS = (
            "for `ghostserve recover`)"),
     Option("recompute_below_tokens", int, 0, "recompute instead of rebuilding when fewer live tokens than "
            "this would be rebuilt (re-prefill is cheaper for short contexts)", unit="tokens"),
+    Option("rejoin_timeout_seconds", float, 600.0, "how long a dead TP rank's replacement may take to "
+           "start, load the weights and join the survivors before the server fails stop", unit="s"),
     Option("log_format", str, "console", "GhostServe's log lines: console for people, json for machines",
            LOG_FORMATS),
 )
@@ -101,6 +103,7 @@ class Settings:
     enable_fault_injection: bool
     auto_recover: bool
     recompute_below_tokens: int
+    rejoin_timeout_seconds: float
     log_format: str
 
     def __post_init__(self) -> None:
@@ -116,6 +119,9 @@ class Settings:
         if self.recompute_below_tokens < 0:
             raise SettingsError(f"--ghost-recompute-below-tokens={self.recompute_below_tokens} is not "
                                 "allowed; it must be >= 0")
+        if not self.rejoin_timeout_seconds > 0:
+            raise SettingsError(f"--ghost-rejoin-timeout-seconds={self.rejoin_timeout_seconds} is not "
+                                "allowed; it must be > 0")
         if not self.stall_timeout_seconds >= 0:
             raise SettingsError(f"--ghost-stall-timeout-seconds={self.stall_timeout_seconds} is not "
                                 "allowed; it must be >= 0")

@@ -47,17 +47,27 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str):
 
 def scheduler_init(wrapped, instance, args, kwargs):
     """Every rank starts its Protector once the scheduler (and its model runner) exist. Failing to
-    start protection that was asked for stops the server: it must not run unprotected silently."""
-    wrapped(*args, **kwargs)
+    start protection that was asked for stops the server: it must not run unprotected silently.
+
+    Under the launcher's supervision the start-up's ``torch.distributed`` calls are recorded (a
+    replacement of a peer replays them), and a replacement rank receives the survivors' state here."""
     if STATE.settings is None or not STATE.settings.enabled or STATE.protector is not None:
-        return
+        return wrapped(*args, **kwargs)
     from sglang.srt.runtime_context import get_parallel
 
+    from . import rejoin
     from .protector import Protector
 
-    instance_id = STATE.settings.instance_id or str(instance.server_args.port)
-    STATE.protector = Protector(STATE.settings, instance.tp_worker.model_runner, instance_id,
-                                get_parallel().tp_group)
+    instance_id = STATE.settings.instance_id or str(args[0].port if args else kwargs["server_args"].port)
+    rejoin.MEMBERS.instance_id = instance_id
+    generation = rejoin.membership.replacement_generation() if rejoin.enabled() else None
+    with rejoin.MEMBERS.transcript.recording():
+        wrapped(*args, **kwargs)
+        STATE.protector = Protector(STATE.settings, instance.tp_worker.model_runner, instance_id,
+                                    get_parallel().tp_group, replacement=generation is not None)
+    STATE.protector.scheduler = instance
+    if generation is not None:
+        rejoin.join(instance, STATE.protector, generation)
 
 
 def pull_raw_reqs(wrapped, instance, args, kwargs):

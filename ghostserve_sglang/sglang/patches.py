@@ -18,7 +18,7 @@ from collections.abc import Callable
 import structlog
 import wrapt
 
-from . import cpu_compat, hooks, supervisor
+from . import cpu_compat, hooks, rejoin, supervisor
 
 log = structlog.get_logger("ghostserve.patches")
 
@@ -59,6 +59,11 @@ TARGETS = (
            hooks.allocator_clear),
     Target("sglang.srt.mem_cache.memory_pool", "MHATokenToKVPool.load_cpu_copy", hooks.pool_load_cpu_copy),
     Target("sglang.srt.mem_cache.memory_pool", "MHATokenToKVPool.move_kv_cache", hooks.pool_move_kv_cache),
+    # Replacing a dead rank (docs/rank-restart.md): where survivors notice the death and hold.
+    Target("sglang.srt.managers.scheduler_components.request_receiver",
+           "SchedulerRequestReceiver._broadcast_reqs_across_ranks", rejoin.broadcast_reqs),
+    Target("sglang.srt.managers.scheduler", "Scheduler.run_batch", rejoin.run_batch),
+    Target("sglang.srt.managers.scheduler", "Scheduler.process_batch_result", rejoin.process_batch_result),
 )
 
 # On a CPU-only machine, whether or not protection is on (``--ghost-code off`` too): see cpu_compat.

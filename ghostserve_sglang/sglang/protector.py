@@ -32,9 +32,11 @@ from ..control import ControlRequest, ControlServer
 from ..settings import Settings
 from ..store.drain import ParityDrain
 from ..store.geometry import StoreGeometry
-from ..store.segment import SHM_DIR, ParitySegment
-from . import drills, recovery
+from ..store.segment import SHM_DIR, ParitySegment, segment_path
+from . import drills, membership, recovery
+from . import rejoin
 from .kv import KVView, live_slots
+from .rejoin import peer_lost
 
 log = structlog.get_logger("ghostserve.protector")
 
@@ -52,7 +54,8 @@ def _quantiles(values: list[float]) -> dict:
 
 
 class Protector:
-    def __init__(self, settings: Settings, model_runner, instance_id: str, tp_group) -> None:
+    def __init__(self, settings: Settings, model_runner, instance_id: str, tp_group,
+                 replacement: bool = False) -> None:
         self.settings = settings
         self.instance_id = instance_id
         self.model_runner = model_runner
@@ -79,11 +82,17 @@ class Protector:
         on_disk = settings.code == "file"
         directory = settings.file_dir if on_disk else SHM_DIR
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        existing = settings.existing_store
+        if replacement:  # the dead rank's segment holds the parity this rank's rebuild needs
+            existing = "attach" if os.path.exists(segment_path(instance_id, self.rank, directory)) else "fail"
         self.segment = ParitySegment.create(instance_id, self.rank, self.geometry, ring_entries,
-                                            existing=settings.existing_store, directory=directory)
+                                            existing=existing, directory=directory)
         self.drain = ParityDrain(self.segment, settings.stall_timeout_seconds, settings.on_full,
                                  sync=on_disk).start()
         self.step = 0
+        self.scheduler = None  # set by the scheduler's init wrapper
+        self.holding = False  # a peer died: queued steps are dropped until the group is whole again
+        self.steps_lost_with_peer = 0
         self.seconds = {"capture": 0.0, "worker": 0.0}  # time spent per thread, for the overhead account
         self.lost: set[int] = set()
         self.recoveries: list[dict] = []
@@ -100,8 +109,9 @@ class Protector:
         self.metrics.set("ghostserve_host_store_capacity_bytes", self.segment.size_bytes)
         threading.Thread(target=self._report, name="ghostserve-metrics", daemon=True).start()
         atexit.register(self.close)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._unlink_on(signum)
+        if not membership.supervised():  # else the launcher removes them when the server stops
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._unlink_on(signum)
         log.info("config", rank=self.rank, step=0, **dataclasses.asdict(settings))
         log.info("protection started", rank=self.rank, step=0, code=code, ranks=self.ranks,
                  parity_shards=parity_shards, record_bytes=self.geometry.record_bytes,
@@ -166,16 +176,22 @@ class Protector:
             reply["recovery"] = self.recover(scheduler, ranks)
         return reply
 
-    def recover(self, scheduler, lost: list[int]) -> dict:
-        """Rebuild what parity allows (worker, collective), then have SGLang recompute the rest."""
+    def recover(self, scheduler, lost: list[int], retract: bool = False,
+                restart_phases: dict | None = None) -> dict:
+        """Rebuild what parity allows (worker, collective), then have SGLang recompute the rest.
+        ``retract``: retract the running requests even when every slot was rebuilt (a batch was
+        interrupted); ``restart_phases``: the phases of a rank replacement that came before."""
         started = time.monotonic()
         log.warning("recovery started", rank=self.rank, step=self.step, lost_ranks=lost)
         result = self.call(lambda: recovery.rebuild(self, lost, self.settings.recompute_below_tokens))
         bad = result.pop("bad")
-        if len(bad):
+        if len(bad) or retract:
             result.update(recovery.recompute(scheduler, self.allocator, self.kv.slots, bad))
+        if restart_phases:
+            result["phases"] = {**restart_phases, **result["phases"]}
+            result["restart"] = True
         result["step"] = self.step
-        result["seconds"] = time.monotonic() - started
+        result["seconds"] = time.monotonic() - started + sum((restart_phases or {}).values())
         result["outcome"] = ("rebuilt" if not len(bad) else "recomputed" if not result["slots_rebuilt"]
                              else "rebuilt_and_recomputed")
         if "recompute_seconds" in result:
@@ -184,6 +200,8 @@ class Protector:
         self.recoveries.append(result)
         self.metrics.recovered(result["outcome"], result["seconds"], result["slots_rebuilt"],
                                result["slots_recomputed"])
+        if restart_phases and self.rank in lost:
+            self.metrics.restarted(result["phases"])
         for phase, seconds in result["phases"].items():
             log.info("recovery phase", rank=self.rank, step=self.step, phase=phase.removesuffix("_seconds"),
                      seconds=seconds)
@@ -198,6 +216,16 @@ class Protector:
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def quiesce(self) -> None:
+        """A peer died: drop the steps still queued (their exchange cannot happen) and wait until the
+        worker is idle, so that the groups can be re-formed under it."""
+        self.holding = True
+        self.call(lambda: None)
+
+    def resume_after_rejoin(self) -> None:
+        self.holding = False
+        self._failure = None
 
     def raise_failure(self) -> None:
         if self._failure is not None and self.settings.strict:
@@ -244,7 +272,9 @@ class Protector:
             if kind == "stop":
                 return
             try:
-                if kind == "step":
+                if kind == "step" and self.holding:
+                    self.steps_lost_with_peer += 1
+                elif kind == "step":
                     _, step, slots, rows, event, captured_at = item
                     started = time.perf_counter()
                     if event is not None:  # the gather ran on SGLang's stream
@@ -264,6 +294,9 @@ class Protector:
                     except Exception as exc:  # answered to the caller, who raises it
                         item[2].put(exc)
             except Exception as exc:
+                if membership.supervised() and peer_lost(exc):  # the scheduler thread holds too
+                    self.steps_lost_with_peer += 1
+                    continue
                 self._failure = exc
                 self.count_error("worker", exc)
 
@@ -405,6 +438,8 @@ class Protector:
             "bytes_drained": counters.bytes_drained, "stalls": counters.stalls, "drops": counters.drops,
             "checksum_failures": counters.checksum_failures, "errors": sum(self.errors.values()),
             "lost_ranks": sorted(self.lost), "recoveries": len(self.recoveries),
+            "restarts": rejoin.MEMBERS.restarts.get(self.rank, 0),
+            "steps_lost_with_peer": self.steps_lost_with_peer,
             "capture_seconds": self.seconds["capture"], "worker_seconds": self.seconds["worker"],
             "drain_write_seconds": counters.write_seconds,
             "checkpoint_latency_seconds": _quantiles(self.drain.latencies()),

@@ -5,21 +5,28 @@ second, and a surviving rank whose collective failed sends SIGQUIT; either way t
 the process tree about 5 s later, and every client sees its connection closed without a response.
 
 Under GhostServe the supervisor owns that decision. It polls the scheduler processes every
-``POLL_SECONDS``; when one has died it logs which rank, how (exit code or signal) and when. Replacing
-the rank is the plan of docs/rank-restart.md; until a replacement can join, the outcome is a clean fail
-stop: every request still pending gets an error response naming the cause, then the process tree is
+``POLL_SECONDS``; when one has died it logs which rank and how (exit code or signal), announces a fresh
+rendezvous in the membership file, and starts a replacement process for that rank with the same
+arguments. The survivors hold meanwhile; the replacement joins them, receives their state and has its
+KV rebuilt (``rejoin``), then reports ready through its pipe as at start-up. If it has not done so by
+``--ghost-rejoin-timeout-seconds``, or it dies, or another rank dies meanwhile, the outcome is a clean
+fail stop: every request still pending gets an error response naming the cause, the process tree is
 stopped, and one log line says why. Deaths of other processes (the detokenizer) keep SGLang's handling.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 
 import structlog
+
+from . import membership
 
 log = structlog.get_logger("ghostserve.supervisor")
 
@@ -40,16 +47,22 @@ class Supervisor:
 
     def __init__(self) -> None:
         self.processes: list = []  # index = tp rank
+        self.launch: tuple = ()  # run_scheduler_process, server_args, port_args: to start a replacement
         self.tokenizer_manager = None
         self.clean_up = lambda: None  # what the launcher removes when the server stops
+        self.instance_id = ""
+        self.rejoin_timeout_s = 0.0  # 0: no replacement, a death fails stop
+        self.generation = 0
+        self.restarts: dict[int, int] = {}
         self.standing_down = False  # the server is being stopped on purpose
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop_lock = threading.Lock()
 
-    def configure(self, clean_up) -> None:
-        """``clean_up`` removes what a stopped server leaves (host segments, control socket)."""
-        self.clean_up = clean_up
+    def configure(self, clean_up, instance_id: str = "", rejoin_timeout_s: float = 0.0) -> None:
+        """``clean_up`` removes what a stopped server leaves (host segments, control socket); with a
+        ``rejoin_timeout_s``, a dead rank is replaced (it must rejoin within that time)."""
+        self.clean_up, self.instance_id, self.rejoin_timeout_s = clean_up, instance_id, rejoin_timeout_s
 
     # -- wiring, from the main-process wrappers -----------------------------------------------------
     def adopt(self, processes: list) -> None:
@@ -75,10 +88,9 @@ class Supervisor:
                 if self._shutting_down(process):
                     self.standing_down = True
                     log.info("scheduler processes stopped with the server; not a fault", rank=rank)
-                else:
-                    self._on_death(rank, process)
-                self.stopping.set()
-                return
+                    self.stopping.set()
+                    return
+                self._on_death(rank, process, len(dead))
 
     def _shutting_down(self, process) -> bool:
         """Whether the server is being stopped: SGLang's SIGTERM handler ran in this process, or a TERM
@@ -89,11 +101,52 @@ class Supervisor:
             return True
         return all(p.exitcode in (-signal.SIGTERM, -signal.SIGINT) for p in self.processes)
 
-    def _on_death(self, rank: int, process) -> None:
+    def _on_death(self, rank: int, process, deaths: int) -> None:
         log.error("rank process died", rank=rank, pid=process.pid, exitcode=process.exitcode,
                   how=describe_exit(process.exitcode))
-        self.fail_stop(f"TP rank {rank}'s scheduler process (pid {process.pid}) "
-                       f"{describe_exit(process.exitcode)}; the server cannot continue without it")
+        cause = f"TP rank {rank}'s scheduler process (pid {process.pid}) {describe_exit(process.exitcode)}"
+        if not self.rejoin_timeout_s:
+            self.fail_stop(f"{cause}; the server cannot continue without it")
+        if deaths > 1:
+            self.fail_stop(f"{cause}, and {deaths - 1} other rank(s) died with it; only one at a time is "
+                           "replaced")
+        self._replace(rank, process, cause)
+
+    def _replace(self, rank: int, process, cause: str) -> None:
+        """Start a replacement for ``rank`` and wait until it has joined; else fail stop."""
+        started = time.monotonic()
+        self.generation += 1
+        port = _free_port()
+        membership.announce(self.instance_id, self.generation, port, [rank])
+        reader, writer = multiprocessing.Pipe(duplex=False)
+        target, server_args, port_args = self.launch
+        gpu_id = server_args.base_gpu_id + rank * server_args.gpu_id_step  # as SGLang placed it (pp = 1)
+        args = (server_args, port_args, gpu_id, rank, 0, None, writer)
+        environment = {membership.REPLACEMENT_ENV: str(self.generation),
+                       "SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE": f"tcp://127.0.0.1:{port}"}
+        replacement = multiprocessing.Process(target=run_replacement, args=(environment, target, args))
+        replacement.start()
+        writer.close()
+        self.processes[rank] = replacement
+        log.warning("replacing rank", rank=rank, pid=replacement.pid, generation=self.generation, port=port)
+        deadline = started + self.rejoin_timeout_s
+        while not reader.poll(POLL_SECONDS):
+            others = [(r, p) for r, p in enumerate(self.processes) if r != rank and p.exitcode is not None]
+            if replacement.exitcode is not None:
+                self.fail_stop(f"{cause}; its replacement (pid {replacement.pid}) "
+                               f"{describe_exit(replacement.exitcode)} before it joined")
+            if others:
+                r, p = others[0]
+                self.fail_stop(f"{cause}; TP rank {r} (pid {p.pid}) {describe_exit(p.exitcode)} while "
+                               "it was being replaced")
+            if time.monotonic() > deadline:
+                self.fail_stop(f"{cause}; its replacement did not join within --ghost-rejoin-timeout-"
+                               f"seconds={self.rejoin_timeout_s:g}")
+        reader.recv()
+        reader.close()
+        self.restarts[rank] = self.restarts.get(rank, 0) + 1
+        log.warning("rank replaced", rank=rank, pid=replacement.pid, restarts=self.restarts[rank],
+                    seconds=round(time.monotonic() - started, 3))
 
     def on_failure_report(self) -> None:
         """A scheduler reported a failure (SIGQUIT): give the watch a moment to name the dead rank,
@@ -142,12 +195,27 @@ class Supervisor:
 SUPERVISOR = Supervisor()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_replacement(environment: dict, target, args: tuple) -> None:
+    """A replacement scheduler process: SGLang's own entry point, told which generation it joins."""
+    os.environ.update(environment)
+    target(*args)
+
+
 # -- wrappers for the main-process patch targets (patches.MAIN_TARGETS) ---------------------------------
 def launch_scheduler_processes(wrapped, instance, args, kwargs):
     """``Engine._launch_scheduler_processes``: adopt the TP scheduler processes it started."""
     result = wrapped(*args, **kwargs)
     _, processes = result
     if processes:
+        server_args, port_args, target = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(
+            ("server_args", "port_args", "run_scheduler_process_func")))
+        SUPERVISOR.launch = (target, server_args, port_args)
         SUPERVISOR.adopt(processes)
     return result
 

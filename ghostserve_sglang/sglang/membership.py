@@ -1,0 +1,65 @@
+"""Who is in the TP group now: a small file the supervisor writes when it replaces a rank, and the
+scheduler processes read (docs/rank-restart.md, "Spawn").
+
+``/dev/shm/ghostserve-<instance>-members.json`` holds the generation (how many replacements so far), the
+port of the fresh rendezvous every rank joins, and the ranks being replaced. It is written whole and
+renamed into place, so a reader never sees half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ..store.segment import SHM_DIR
+
+POLL_SECONDS = 0.05
+REPLACEMENT_ENV = "GHOSTSERVE_REPLACEMENT_GENERATION"  # set in a replacement rank's environment
+SUPERVISED_ENV = "GHOSTSERVE_SUPERVISED"  # the launcher supervises the ranks and cleans up after them
+
+
+def path(instance_id: str) -> str:
+    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-members.json")
+
+
+def announce(instance_id: str, generation: int, port: int, replaced: list[int]) -> None:
+    target = path(instance_id)
+    staging = f"{target}.{os.getpid()}.tmp"
+    with open(staging, "w") as f:
+        json.dump({"generation": generation, "port": port, "replaced": replaced}, f)
+    os.replace(staging, target)
+
+
+def read(instance_id: str) -> dict | None:
+    try:
+        with open(path(instance_id)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def wait_for(instance_id: str, after: int, timeout_s: float) -> dict | None:
+    """The first announcement with a generation above ``after``, or None after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = read(instance_id)
+        if current is not None and current["generation"] > after:
+            return current
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(POLL_SECONDS)
+
+
+def remove(instance_id: str) -> None:
+    if os.path.exists(path(instance_id)):
+        os.unlink(path(instance_id))
+
+
+def supervised() -> bool:
+    return os.environ.get(SUPERVISED_ENV) == "1"
+
+
+def replacement_generation() -> int | None:
+    value = os.environ.get(REPLACEMENT_ENV)
+    return int(value) if value else None
