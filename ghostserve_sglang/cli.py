@@ -8,7 +8,7 @@ import os
 import sys
 
 from .control import ControlError, call
-from .sglang.drills import SIGNALS
+from .sglang.drills import HOWS
 
 
 def _instance(args: argparse.Namespace) -> str:
@@ -17,7 +17,7 @@ def _instance(args: argparse.Namespace) -> str:
 
 def _print_status(reply: dict) -> None:
     print(f"instance {reply['instance_id']}")
-    columns = ("rank", "pid", "code", "step", "durable_watermark", "lag_steps", "live_slots",
+    columns = ("rank", "pid", "restarts", "code", "step", "durable_watermark", "lag_steps", "live_slots",
                "protected_slots", "parity_bytes_in_use", "host_bytes", "stalls", "drops",
                "checksum_failures", "errors")
     widths = [max(len(c), *(len(str(rank[c])) for rank in reply["ranks"])) for c in columns]
@@ -66,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     drain = sub.add_parser("drain", help="pause or resume the parity drain on every rank (needs "
                            "--ghost-enable-fault-injection; for drills)")
     drain.add_argument("action", choices=("pause", "resume"))
-    kill = sub.add_parser("kill-rank", help="send a signal to one rank's scheduler process (needs "
-                          "--ghost-enable-fault-injection; a drill of a process death)")
+    kill = sub.add_parser("kill-rank", help="end one rank's scheduler process (needs "
+                          "--ghost-enable-fault-injection; a drill of a process death and its replacement)")
     kill.add_argument("--rank", type=int, required=True)
-    kill.add_argument("--signal", default="KILL", choices=SIGNALS)
+    kill.add_argument("--signal", default="KILL", choices=HOWS,
+                      help="the signal the process gets; ERROR: its next forward raises instead")
+    kill.add_argument("--fail-replacement", action="store_true",
+                      help="the replacement started for it fails at start-up (drills the fail stop)")
     args = parser.parse_args(argv)
     request_args = {
         "scrub": lambda: {"wait": not args.no_wait},
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         "corrupt-parity": lambda: {"rank": args.rank, "slots": args.slots},
         "recover": lambda: {"ranks": args.ranks or []},
         "drain": lambda: {"pause": args.action == "pause"},
-        "kill-rank": lambda: {"rank": args.rank, "signal": args.signal},
+        "kill-rank": lambda: {"rank": args.rank, "signal": args.signal,
+                              "fail_replacement": args.fail_replacement},
     }.get(args.command, dict)()
     try:
         reply = call(_instance(args), args.command, request_args, timeout_s=args.timeout)

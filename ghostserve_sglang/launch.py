@@ -24,7 +24,6 @@ from .sglang.patches import MAIN_PATCHER, PatchError, check_supported
 from .sglang.supervisor import SUPERVISOR
 from .store import remove_orphans
 
-
 # What a dead rank's replacement needs from every scheduler process (docs/rank-restart.md): the launcher
 # supervises them; the prefix tree is SGLang's Python core, whose state can be copied to a replacement; the
 # request broadcast uses plain gloo groups, which the ranks re-form.

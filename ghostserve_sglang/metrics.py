@@ -90,7 +90,8 @@ class Metrics:
         """This rank's process is a replacement that has just joined and been rebuilt."""
         self.add("ghostserve_rank_restarts_total")
         for phase, seconds in phases.items():
-            self.restart_phase_seconds.labels(**self._labels, phase=phase.removesuffix("_seconds")).observe(seconds)
+            name = phase.removesuffix("_seconds")
+            self.restart_phase_seconds.labels(**self._labels, phase=name).observe(seconds)
 
     def recovered(self, outcome: str, seconds: float, rebuilt: int, recomputed: int) -> None:
         self.recoveries_by_outcome[outcome].inc()

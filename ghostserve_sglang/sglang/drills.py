@@ -1,4 +1,4 @@
-"""Drills that end a rank's process, for testing what the supervisor does about it (only with
+"""Drills that end a rank's process, for testing the replacement of a dead rank (only with
 ``--ghost-enable-fault-injection``). The KV drills (inject-fault, corrupt-parity, drain) live with the
 protector, whose state they touch."""
 
@@ -8,19 +8,52 @@ import os
 import signal
 import threading
 
+from ..store.segment import SHM_DIR
+
 SIGNALS = ("KILL", "TERM", "SEGV")
+HOWS = (*SIGNALS, "ERROR")  # ERROR: the rank's next forward raises, and SGLang ends the process
 KILL_DELAY_SECONDS = 0.2  # the reply leaves rank 0 before the target goes
+FORWARD_ERROR = threading.Event()  # set on the target rank: its next forward raises
 
 
-def kill_rank(protector, rank: int, signal_name: str) -> dict:
-    """Every rank reports its pid; rank ``rank`` then sends itself ``signal_name`` from a timer thread,
-    so the signal lands wherever its scheduler happens to be (prefill, decode, idle)."""
+class DrillError(RuntimeError):
+    """Raised on purpose by a drill."""
+
+
+def kill_rank(protector, rank: int, how: str, fail_replacement: bool = False) -> dict:
+    """Every rank reports its pid; rank ``rank`` then ends: it sends itself the signal ``how`` from a
+    timer thread, so the signal lands wherever its scheduler happens to be (prefill, decode, idle), or,
+    for ``ERROR``, its next forward raises. With ``fail_replacement`` the rank started in its place fails
+    at start-up, as one whose device is gone would."""
     if not (isinstance(rank, int) and 0 <= rank < protector.ranks):
         return {"error": f"rank={rank!r} is not allowed; give a rank in 0..{protector.ranks - 1}"}
-    if signal_name not in SIGNALS:
-        return {"error": f"signal={signal_name!r} is not allowed; allowed: {', '.join(SIGNALS)}"}
+    if how not in HOWS:
+        return {"error": f"signal={how!r} is not allowed; allowed: {', '.join(HOWS)}"}
     pids = protector.call(lambda: protector.gather_objects(os.getpid()))
     if protector.rank == rank:
-        signum = getattr(signal, f"SIG{signal_name}")
-        threading.Timer(KILL_DELAY_SECONDS, os.kill, (os.getpid(), signum)).start()
-    return {"rank": rank, "pid": pids[rank], "signal": signal_name}
+        if fail_replacement:
+            open(_fail_marker(protector.instance_id, rank), "w").close()
+        if how == "ERROR":
+            FORWARD_ERROR.set()
+        else:
+            signum = getattr(signal, f"SIG{how}")
+            threading.Timer(KILL_DELAY_SECONDS, os.kill, (os.getpid(), signum)).start()
+    return {"rank": rank, "pid": pids[rank], "signal": how, "fail_replacement": fail_replacement}
+
+
+def before_forward(rank: int) -> None:
+    if FORWARD_ERROR.is_set():
+        raise DrillError(f"ghostserve drill: TP rank {rank}'s forward raised (kill-rank --signal ERROR)")
+
+
+def check_replacement(instance_id: str, rank: int) -> None:
+    """In a replacement rank at start-up: fail if a drill asked for it (once)."""
+    marker = _fail_marker(instance_id, rank)
+    if os.path.exists(marker):
+        os.unlink(marker)
+        raise DrillError(f"ghostserve drill: the replacement of TP rank {rank} fails at start-up "
+                         "(kill-rank --fail-replacement)")
+
+
+def _fail_marker(instance_id: str, rank: int) -> str:
+    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-drill-fail-replacement-rank{rank}")

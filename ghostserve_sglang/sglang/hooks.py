@@ -15,6 +15,7 @@ import torch
 
 from ..control import ControlRequest
 from ..settings import Settings
+from . import drills
 
 log = structlog.get_logger("ghostserve.hooks")
 
@@ -61,6 +62,8 @@ def scheduler_init(wrapped, instance, args, kwargs):
     instance_id = STATE.settings.instance_id or str(args[0].port if args else kwargs["server_args"].port)
     rejoin.MEMBERS.instance_id = instance_id
     generation = rejoin.membership.replacement_generation() if rejoin.enabled() else None
+    if generation is not None and STATE.settings.enable_fault_injection:
+        drills.check_replacement(instance_id, rejoin.membership.replacement_rank())
     with rejoin.MEMBERS.transcript.recording():
         wrapped(*args, **kwargs)
         STATE.protector = Protector(STATE.settings, instance.tp_worker.model_runner, instance_id,
@@ -107,8 +110,10 @@ def process_input_requests(wrapped, instance, args, kwargs):
 
 
 def model_forward(wrapped, instance, args, kwargs):
-    output = wrapped(*args, **kwargs)
     protector = STATE.protector
+    if protector is not None and protector.settings.enable_fault_injection:
+        drills.before_forward(protector.rank)
+    output = wrapped(*args, **kwargs)
     if protector is not None and instance is protector.model_runner:
         _guarded("capture", protector.after_forward, _arg(args, kwargs, 0, "forward_batch"))
     return output

@@ -16,6 +16,7 @@ from ..store.segment import SHM_DIR
 
 POLL_SECONDS = 0.05
 REPLACEMENT_ENV = "GHOSTSERVE_REPLACEMENT_GENERATION"  # set in a replacement rank's environment
+REPLACEMENT_RANK_ENV = "GHOSTSERVE_REPLACEMENT_RANK"
 SUPERVISED_ENV = "GHOSTSERVE_SUPERVISED"  # the launcher supervises the ranks and cleans up after them
 
 
@@ -63,3 +64,7 @@ def supervised() -> bool:
 def replacement_generation() -> int | None:
     value = os.environ.get(REPLACEMENT_ENV)
     return int(value) if value else None
+
+
+def replacement_rank() -> int:
+    return int(os.environ[REPLACEMENT_RANK_ENV])

@@ -33,8 +33,7 @@ from ..settings import Settings
 from ..store.drain import ParityDrain
 from ..store.geometry import StoreGeometry
 from ..store.segment import SHM_DIR, ParitySegment, segment_path
-from . import drills, membership, recovery
-from . import rejoin
+from . import drills, membership, recovery, rejoin
 from .kv import KVView, live_slots
 from .rejoin import peer_lost
 
@@ -162,7 +161,8 @@ class Protector:
         if request.op == "corrupt-parity":
             return self.call(lambda: self._corrupt(int(args["rank"]), int(args["slots"])))
         if request.op == "kill-rank":
-            return drills.kill_rank(self, args.get("rank"), args.get("signal", "KILL"))
+            return drills.kill_rank(self, args.get("rank"), args.get("signal", "KILL"),
+                                    bool(args.get("fail_replacement", False)))
         ranks = args.get("ranks") or sorted(self.lost)
         if not ranks:
             return {"error": f"{request.op} needs --rank: no rank has lost its KV"}

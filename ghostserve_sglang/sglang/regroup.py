@@ -140,9 +140,8 @@ def _rebind(current: dict, replacement: dict, where: list | None = None) -> list
             if module is None or not module_name.startswith("sglang."):
                 continue
             for attr, value in list(vars(module).items()):
-                for name, fn in current.items():
-                    if value is fn:
-                        where.append((module, attr))
+                if any(value is fn for fn in current.values()):
+                    where.append((module, attr))
     for module, attr in where:
         name = attr if attr in replacement else next(n for n, fn in current.items()
                                                       if getattr(module, attr) is fn)

@@ -25,6 +25,8 @@ SCHEDULER_FIELDS = (
     "_pending_chunked_abort_req", "_deferred_input_requests", "_prefill_decode_interval_remaining",
     "new_token_ratio_tracker", "processed_tokens_counter", "forward_ct", "_engine_paused",
 )
+COPIED = {*SCHEDULER_FIELDS, "tree_core"}  # never sent as a name: the receiver gets the sender's
+PLAIN = (torch.Tensor, list, tuple, dict, set, str, bytes, int, float, bool, type(None))
 TREE_CORE_BACKEND = "python"  # SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND: its tree can be copied
 
 
@@ -36,8 +38,7 @@ def _singletons(scheduler) -> dict[str, object]:
     for owner_name, owner in owners.items():
         named[owner_name] = owner
         for attr, value in vars(owner).items():
-            if attr in SCHEDULER_FIELDS or attr == "tree_core" or isinstance(value, (torch.Tensor, list, tuple, dict, set, str,
-                                                              bytes, int, float, bool, type(None))):
+            if attr in COPIED or isinstance(value, PLAIN):
                 continue
             named.setdefault(f"{owner_name}.{attr}", value)
     for key, component in scheduler.tree_cache.components.items():
@@ -113,7 +114,7 @@ def take(scheduler, extra: dict) -> bytes:
     """The survivor's state, pickled; ``extra`` travels with it (GhostServe's own step, the phase)."""
     pool, allocator = scheduler.req_to_token_pool, scheduler.token_to_kv_pool_allocator
     state = {
-        "scheduler": {name: getattr(scheduler, name) for name in SCHEDULER_FIELDS if hasattr(scheduler, name)},
+        "scheduler": {n: getattr(scheduler, n) for n in SCHEDULER_FIELDS if hasattr(scheduler, n)},
         "policy_refresh_calls": getattr(scheduler.policy, "_waiting_prefix_refresh_calls", None),
         "rows": _rows_in_use(pool), "req_to_token": pool.req_to_token[_rows_in_use(pool)],
         "free_slots": list(pool.free_slots),

@@ -54,6 +54,7 @@ class Supervisor:
         self.rejoin_timeout_s = 0.0  # 0: no replacement, a death fails stop
         self.generation = 0
         self.restarts: dict[int, int] = {}
+        self.deaths = 0
         self.standing_down = False  # the server is being stopped on purpose
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,6 +103,7 @@ class Supervisor:
         return all(p.exitcode in (-signal.SIGTERM, -signal.SIGINT) for p in self.processes)
 
     def _on_death(self, rank: int, process, deaths: int) -> None:
+        self.deaths += 1
         log.error("rank process died", rank=rank, pid=process.pid, exitcode=process.exitcode,
                   how=describe_exit(process.exitcode))
         cause = f"TP rank {rank}'s scheduler process (pid {process.pid}) {describe_exit(process.exitcode)}"
@@ -123,6 +125,7 @@ class Supervisor:
         gpu_id = server_args.base_gpu_id + rank * server_args.gpu_id_step  # as SGLang placed it (pp = 1)
         args = (server_args, port_args, gpu_id, rank, 0, None, writer)
         environment = {membership.REPLACEMENT_ENV: str(self.generation),
+                       membership.REPLACEMENT_RANK_ENV: str(rank),
                        "SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE": f"tcp://127.0.0.1:{port}"}
         replacement = multiprocessing.Process(target=run_replacement, args=(environment, target, args))
         replacement.start()
@@ -149,10 +152,11 @@ class Supervisor:
                     seconds=round(time.monotonic() - started, 3))
 
     def on_failure_report(self) -> None:
-        """A scheduler reported a failure (SIGQUIT): give the watch a moment to name the dead rank,
-        else stop with the report itself as the reason."""
+        """A scheduler reported a failure (SIGQUIT): give the watch a moment to name the dead rank (and
+        replace it), else stop with the report itself as the reason."""
+        deaths = self.deaths
         deadline = time.monotonic() + 20 * POLL_SECONDS
-        while time.monotonic() < deadline and not self.stopping.is_set():
+        while time.monotonic() < deadline and not self.stopping.is_set() and self.deaths == deaths:
             time.sleep(POLL_SECONDS / 2)
         if self.standing_down:  # as SGLang would: stop the tree (the launcher's clean-up first)
             from sglang.srt.utils import kill_process_tree
@@ -160,6 +164,8 @@ class Supervisor:
             self.clean_up()
             kill_process_tree(os.getpid(), include_parent=True)
             return
+        if self.deaths != deaths and self.rejoin_timeout_s:
+            return  # the reporting rank died; the watch replaces it
         self.fail_stop("a scheduler process reported a failure (SIGQUIT); see the log above")
 
     # -- fail stop ------------------------------------------------------------------------------------
