@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 import random
+import signal
 import time
 
 from .local_server import Server
@@ -50,6 +52,63 @@ class Trial:
     @property
     def ok(self) -> bool:
         return self.lost_requests == 0 and self.wrong_tokens == 0
+
+
+@dataclasses.dataclass
+class KillTrial:
+    seed: int
+    rank: int
+    how: str
+    after_steps: int
+    running_at_kill: int
+    requests: int
+    lost_requests: int
+    wrong_tokens: int
+    restart: dict
+    scrub: dict
+    errors: list = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.lost_requests == 0 and self.wrong_tokens == 0
+
+
+def run_kill_trial(server: Server, seed: int, rank: int = 1, how: str = "KILL",
+                   after_steps: int | None = None, mix=None) -> KillTrial:
+    """One process-death trial: the mix once without a fault (the reference), then again while rank
+    ``rank``'s scheduler process ends ``after_steps`` steps into it (0: during the first prefill) —
+    ``KILL`` by ``kill -9`` of its pid from ``status``, anything else through the ``kill-rank`` drill."""
+    rng = random.Random(seed)
+    mix = request_mix(rng) if mix is None else mix
+    after_steps = rng.randrange(0, 28) if after_steps is None else after_steps
+    server.post("/flush_cache")
+    reference = generate_mix(server, mix)
+    server.post("/flush_cache")
+    before = server.control("status")["ranks"]
+    with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
+        futures = _generate_all(server, mix, pool)
+        while server.control("status")["ranks"][0]["step"] < before[0]["step"] + after_steps:
+            time.sleep(0.005)
+        running = sum(not f.done() for f in futures)
+        if how == "KILL":
+            os.kill(before[rank]["pid"], signal.SIGKILL)
+        else:
+            server.control("kill-rank", rank=rank, signal=how)
+        outputs, errors = [], []
+        for future in futures:
+            try:
+                outputs.append(future.result()["output_ids"])
+            except Exception as exc:  # a lost request
+                outputs.append(None)
+                errors.append(repr(exc))
+    lost_requests = sum(o is None or len(o) != len(r) for o, r in zip(outputs, reference))
+    wrong = sum(a != b for o, r in zip(outputs, reference) if o is not None for a, b in zip(o, r))
+    after = server.control("status")["ranks"]
+    if after[rank]["restarts"] != before[rank]["restarts"] + 1:
+        raise RuntimeError(f"rank {rank} was not replaced once: {before[rank]} -> {after[rank]}")
+    restart = after[rank]["last_recovery"]
+    return KillTrial(seed, rank, how, after_steps, running, len(mix), lost_requests, wrong, restart,
+                     server.control("scrub"), errors)
 
 
 def run_trial(server: Server, seed: int, ranks: int, lose: int = 1, drills=()) -> Trial:

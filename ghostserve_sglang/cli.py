@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="the signal the process gets; ERROR: its next forward raises instead")
     kill.add_argument("--fail-replacement", action="store_true",
                       help="the replacement started for it fails at start-up (drills the fail stop)")
+    for command in sub.choices.values():  # also after the command: `ghostserve status --json`
+        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                             help="print the reply as JSON")
     args = parser.parse_args(argv)
     request_args = {
         "scrub": lambda: {"wait": not args.no_wait},

@@ -9,6 +9,7 @@ unless strict mode is on; a failure of SGLang's own method always propagates unt
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import structlog
 import torch
@@ -64,13 +65,16 @@ def scheduler_init(wrapped, instance, args, kwargs):
     generation = rejoin.membership.replacement_generation() if rejoin.enabled() else None
     if generation is not None and STATE.settings.enable_fault_injection:
         drills.check_replacement(instance_id, rejoin.membership.replacement_rank())
+    started = time.time()
     with rejoin.MEMBERS.transcript.recording():
         wrapped(*args, **kwargs)
         STATE.protector = Protector(STATE.settings, instance.tp_worker.model_runner, instance_id,
                                     get_parallel().tp_group, replacement=generation is not None)
     STATE.protector.scheduler = instance
     if generation is not None:
-        rejoin.join(instance, STATE.protector, generation)
+        noticed = rejoin.membership.read(instance_id)["noticed_at"]
+        rejoin.join(instance, STATE.protector, generation,
+                    {"spawn_seconds": started - noticed, "join_seconds": time.time() - started})
 
 
 def pull_raw_reqs(wrapped, instance, args, kwargs):

@@ -28,7 +28,8 @@ def announce(instance_id: str, generation: int, port: int, replaced: list[int]) 
     target = path(instance_id)
     staging = f"{target}.{os.getpid()}.tmp"
     with open(staging, "w") as f:
-        json.dump({"generation": generation, "port": port, "replaced": replaced}, f)
+        json.dump({"generation": generation, "port": port, "replaced": replaced,
+                   "noticed_at": time.time()}, f)
     os.replace(staging, target)
 
 

@@ -259,7 +259,8 @@ class Protector:
         self.segment.close()
         if self.control is not None:
             self.control.close()
-        self.unlink_files()
+        if not membership.supervised():  # else a replacement re-attaches; the launcher removes them
+            self.unlink_files()
 
     # -- worker thread -----------------------------------------------------------------------------
     def _work(self) -> None:
@@ -438,6 +439,7 @@ class Protector:
             "bytes_drained": counters.bytes_drained, "stalls": counters.stalls, "drops": counters.drops,
             "checksum_failures": counters.checksum_failures, "errors": sum(self.errors.values()),
             "lost_ranks": sorted(self.lost), "recoveries": len(self.recoveries),
+            "last_recovery": self.recoveries[-1] if self.recoveries else None,
             "restarts": rejoin.MEMBERS.restarts.get(self.rank, 0),
             "steps_lost_with_peer": self.steps_lost_with_peer,
             "capture_seconds": self.seconds["capture"], "worker_seconds": self.seconds["worker"],

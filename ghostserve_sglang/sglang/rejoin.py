@@ -43,6 +43,10 @@ class Membership:
 
 MEMBERS = Membership()
 ABANDONED = object()  # run_batch's result for a batch rolled back by a replacement
+# A replacement's phases before the rebuild's own: the survivors' detection (failed collective to the
+# supervisor's announcement), the replacement's start (announcement to SGLang's scheduler init) and its
+# join (weights loaded, groups re-formed), then the state transfer.
+PHASES = ("detect_seconds", "spawn_seconds", "join_seconds", "state_transfer_seconds")
 
 
 def peer_lost(exc: BaseException) -> bool:
@@ -66,8 +70,9 @@ def hold(scheduler, protector, exc: BaseException, phase: str, batch=None) -> No
     log.warning("peer lost; holding for its replacement", rank=protector.rank, step=protector.step,
                 phase=phase, lost_ranks=lost, generation=announced["generation"], error=str(exc)[:200])
     protector.quiesce()
-    phases = {"hold_seconds": time.monotonic() - started}
-    _regroup(announced, phases, [scheduler, protector])
+    phases = {"detect_seconds": time.monotonic() - started}
+    _regroup(announced, [scheduler, protector])
+    started = time.monotonic()
     tp = _tp_group()
     source = min(r for r in range(tp.world_size) if r not in lost)
     data = None
@@ -75,12 +80,13 @@ def hold(scheduler, protector, exc: BaseException, phase: str, batch=None) -> No
         data = snapshot.take(scheduler, {"step": protector.step, "phase": phase,
                                          "restarts": MEMBERS.restarts})
     data = _broadcast(data, source, tp)
-    phases["state_transfer_seconds"] = time.monotonic() - started - sum(phases.values())
+    phases["state_transfer_seconds"] = time.monotonic() - started
     _settle(scheduler, protector, lost, phase, batch, phases, len(data))
 
 
-def join(scheduler, protector, generation: int) -> None:
-    """The replacement's side, at the end of its start-up: receive the state, then settle."""
+def join(scheduler, protector, generation: int, phases: dict) -> None:
+    """The replacement's side, at the end of its start-up (``phases`` says how long it took): receive
+    the state, then settle."""
     started = time.monotonic()
     announced = membership.read(MEMBERS.instance_id)
     MEMBERS.generation = generation
@@ -92,23 +98,21 @@ def join(scheduler, protector, generation: int) -> None:
     protector.step = extra["step"]
     MEMBERS.restarts = extra["restarts"]
     phase, batch = extra["phase"], scheduler.cur_batch_for_debug
-    phases = {"state_transfer_seconds": time.monotonic() - started}
+    phases["state_transfer_seconds"] = time.monotonic() - started
     _settle(scheduler, protector, lost, phase, batch, phases, len(data))
     if phase == "run_batch":
         scheduler.last_batch = batch  # what SGLang's loop sets after the (rolled back) batch
 
 
-def _regroup(announced: dict, phases: dict, holders: list) -> None:
+def _regroup(announced: dict, holders: list) -> None:
     """Re-form the groups; SGLang's group coordinators (its module globals) and ``holders`` are
     re-pointed at the new ones."""
     from sglang.srt.distributed import parallel_state
 
-    started = time.monotonic()
     MEMBERS.generation = announced["generation"]
     coordinators = [ref() for ref in parallel_state._groups.values()]
     changed = MEMBERS.transcript.replay(f"tcp://127.0.0.1:{announced['port']}",
                                         [parallel_state, *filter(None, coordinators), *holders])
-    phases["join_seconds"] = time.monotonic() - started
     log.info("groups re-formed", generation=announced["generation"], holders_changed=changed)
 
 
@@ -125,10 +129,15 @@ def _settle(scheduler, protector, lost: list[int], phase: str, batch, phases: di
                           f"{', '.join(differing)}")
     for rank in lost:
         MEMBERS.restarts[rank] = MEMBERS.restarts.get(rank, 0) + 1
+    every: list = [None] * tp.world_size
+    dist.all_gather_object(every, phases, group=tp.cpu_group)
+    phases = {name: max(p.get(name, 0.0) for p in every) for name in PHASES if any(name in p for p in every)}
     protector.resume_after_rejoin()
-    if phase == "run_batch" and batch is not None and batch.forward_mode.is_extend() \
-            and batch is not scheduler.running_batch:
-        scheduler.last_batch = batch  # so that the retraction takes the batch's requests back too
+    if phase == "run_batch":
+        # The batch being formed already merged the previous one into the running batch; the
+        # retraction takes back the running batch and, if it is a new prefill batch, this one.
+        extend = batch is not None and batch.forward_mode.is_extend() and batch is not scheduler.running_batch
+        scheduler.last_batch = batch if extend else None
     result = protector.recover(scheduler, lost, retract=phase == "run_batch", restart_phases=phases)
     if phase == "run_batch" and batch is not None:
         batch.filter_batch(keep_indices=[])

@@ -27,7 +27,6 @@ SCHEDULER_FIELDS = (
 )
 COPIED = {*SCHEDULER_FIELDS, "tree_core"}  # never sent as a name: the receiver gets the sender's
 PLAIN = (torch.Tensor, list, tuple, dict, set, str, bytes, int, float, bool, type(None))
-TREE_CORE_BACKEND = "python"  # SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND: its tree can be copied
 
 
 def _singletons(scheduler) -> dict[str, object]:

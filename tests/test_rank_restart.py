@@ -1,0 +1,92 @@
+"""A rank's scheduler process dies on a real TP=2 server (CPU, the KV-sensitive bundled model) and the
+server carries on: a replacement process joins, its KV is rebuilt from the survivor and parity, and
+every request finishes with the output ids of a run without the fault (docs/rank-restart.md)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from ghostserve_sglang.campaign import request_mix, run_kill_trial
+from ghostserve_sglang.local_server import launched
+
+GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1",
+         "--ghost-rejoin-timeout-seconds", "240"]
+LONG_PROMPT = ([11] * 40 + [(7 * i) % 997 + 3 for i in range(560)], 16)  # still in chunked prefill at 128
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with launched(2, GHOST, ["--chunked-prefill-size", "128"],
+                  log_dir=str(tmp_path_factory.mktemp("restart"))) as server:
+        yield server
+
+
+def status_json(server) -> dict:
+    """Through the CLI, as an operator reads it."""
+    result = server.ghostserve("status", "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    return json.loads(result.stdout)
+
+
+def healthy_within(server, seconds: float) -> float:
+    """Seconds until /health answers 200 (polled from the moment of the call)."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"/health did not answer within {seconds} s")
+
+
+@pytest.mark.parametrize("how, seed, after_steps", [
+    ("KILL", 1, 12),  # kill -9 mid-decode
+    ("KILL", 2, 20),  # the same rank again, later in the same server
+    ("SEGV", 3, 10),  # kill-rank --signal SEGV
+    ("ERROR", 4, 10),  # the rank's forward raises; SGLang ends the process
+])
+def test_a_dead_rank_is_replaced_and_every_request_finishes_unchanged(server, how, seed, after_steps):
+    before = status_json(server)["ranks"]
+    mix = request_mix(random.Random(seed), requests=7) + [LONG_PROMPT]
+    trial = run_kill_trial(server, seed, rank=1, how=how, after_steps=after_steps, mix=mix)
+    assert trial.running_at_kill >= 4, trial  # the death landed while requests were decoding
+    assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
+    healthy_within(server, 30)
+    after = status_json(server)["ranks"]
+    assert after[1]["pid"] != before[1]["pid"] and after[1]["restarts"] == before[1]["restarts"] + 1
+    assert after[0]["pid"] == before[0]["pid"]
+    assert trial.restart["restart"] and trial.restart["lost_ranks"] == [1]
+    assert trial.restart["slots_rebuilt"] > 0, trial.restart  # the survivor's parity was used
+    assert {"detect_seconds", "spawn_seconds", "join_seconds", "state_transfer_seconds",
+            "decode_seconds", "recompute_seconds"} <= set(trial.restart["phases"])
+    assert trial.scrub["mismatching"] == 0 and trial.scrub["not_durable"] == 0, trial.scrub
+    assert trial.scrub["matching"] == trial.scrub["live_slots"] > 0
+
+
+def test_random_kills_lose_no_request_and_change_no_token(server):
+    rng = random.Random(12)
+    trials = [run_kill_trial(server, 100 + i, rank=1, how="KILL", after_steps=rng.randrange(0, 28))
+              for i in range(3)]
+    assert [(t.lost_requests, t.wrong_tokens) for t in trials] == [(0, 0)] * 3, trials
+    assert all(t.scrub["mismatching"] == 0 and t.scrub["not_durable"] == 0 for t in trials)
+
+
+def test_the_cli_drill_needs_fault_injection_and_names_bad_values(server):
+    bad = server.ghostserve("kill-rank", "--rank", "5")
+    assert bad.returncode == 2 and "rank=5 is not allowed; give a rank in 0..1" in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "ghostserve_sglang.cli", "kill-rank", "--rank", "1",
+                            "--signal", "HUP"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "invalid choice: 'HUP'" in usage.stderr
+    assert not [n for n in os.listdir("/dev/shm") if "drill-fail-replacement" in n]
