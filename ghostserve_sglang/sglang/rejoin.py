@@ -71,7 +71,12 @@ def hold(scheduler, protector, exc: BaseException, phase: str, batch=None) -> No
                 phase=phase, lost_ranks=lost, generation=announced["generation"], error=str(exc)[:200])
     protector.quiesce()
     phases = {"detect_seconds": time.monotonic() - started}
-    _regroup(announced, [scheduler, protector])
+    # SGLang's scheduler watchdog counts a batch that makes no progress as stuck; this one waits on purpose.
+    in_flight, scheduler.cur_batch_for_debug = scheduler.cur_batch_for_debug, None
+    try:
+        _regroup(announced, [scheduler, protector])
+    finally:
+        scheduler.cur_batch_for_debug = in_flight
     started = time.monotonic()
     tp = _tp_group()
     source = min(r for r in range(tp.world_size) if r not in lost)

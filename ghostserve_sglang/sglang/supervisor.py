@@ -55,6 +55,7 @@ class Supervisor:
         self.generation = 0
         self.restarts: dict[int, int] = {}
         self.deaths = 0
+        self.replacing = False  # a replacement has been started and has not joined yet
         self.standing_down = False  # the server is being stopped on purpose
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -128,6 +129,7 @@ class Supervisor:
                        membership.REPLACEMENT_RANK_ENV: str(rank),
                        "SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE": f"tcp://127.0.0.1:{port}"}
         replacement = multiprocessing.Process(target=run_replacement, args=(environment, target, args))
+        self.replacing = True
         replacement.start()
         writer.close()
         self.processes[rank] = replacement
@@ -145,8 +147,14 @@ class Supervisor:
             if time.monotonic() > deadline:
                 self.fail_stop(f"{cause}; its replacement did not join within --ghost-rejoin-timeout-"
                                f"seconds={self.rejoin_timeout_s:g}")
-        reader.recv()
+        try:
+            reader.recv()
+        except EOFError:  # it closed the pipe: it is exiting without having joined
+            replacement.join(timeout=30)
+            self.fail_stop(f"{cause}; its replacement (pid {replacement.pid}) "
+                           f"{describe_exit(replacement.exitcode)} before it joined")
         reader.close()
+        self.replacing = False
         self.restarts[rank] = self.restarts.get(rank, 0) + 1
         log.warning("rank replaced", rank=rank, pid=replacement.pid, restarts=self.restarts[rank],
                     seconds=round(time.monotonic() - started, 3))
@@ -164,8 +172,8 @@ class Supervisor:
             self.clean_up()
             kill_process_tree(os.getpid(), include_parent=True)
             return
-        if self.deaths != deaths and self.rejoin_timeout_s:
-            return  # the reporting rank died; the watch replaces it
+        if (self.deaths != deaths or self.replacing) and self.rejoin_timeout_s:
+            return  # the reporting rank died, or a replacement is starting: the watch decides
         self.fail_stop("a scheduler process reported a failure (SIGQUIT); see the log above")
 
     # -- fail stop ------------------------------------------------------------------------------------
@@ -184,6 +192,8 @@ class Supervisor:
         from sglang.srt.utils import kill_process_tree
 
         kill_process_tree(os.getpid(), include_parent=False)
+        for process in self.processes:  # their segments are removed once their owners are gone
+            process.join(timeout=10)
         self.clean_up()
         print(f"ghostserve: fail stop: {reason}", file=sys.stderr, flush=True)
         os._exit(1)
