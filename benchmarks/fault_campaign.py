@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghostserve_sglang import models  # noqa: E402
-from ghostserve_sglang.campaign import run_trial  # noqa: E402
+from ghostserve_sglang.campaign import run_kill_trial, run_trial  # noqa: E402
 from ghostserve_sglang.local_server import launched  # noqa: E402
 
 
@@ -33,7 +33,11 @@ def main() -> None:
     parser.add_argument("--lose", type=int, default=1, help="ranks lost per fault")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--model", default="tiny-llama", choices=models.NAMES, help="a bundled model")
+    parser.add_argument("--kill-rank", type=int, default=None, help="process deaths instead of KV faults: "
+                        "this rank's scheduler process is killed (kill -9 or SIGSEGV) at a random step")
     args = parser.parse_args()
+    if args.kill_rank is not None:
+        return kill_campaign(args)
     ghost = ["--ghost-code", args.code, "--ghost-parity-shards", str(args.parity_shards),
              "--ghost-enable-fault-injection", "1"]
     trials = []
@@ -62,6 +66,40 @@ def main() -> None:
     print(f"outcomes {dict(outcomes)}; recovery time p50 {percentile(seconds, 50) * 1000:.1f} ms, "
           f"p99 {percentile(seconds, 99) * 1000:.1f} ms, max {max(seconds) * 1000:.1f} ms "
           f"(mean {statistics.mean(seconds) * 1000:.1f} ms)")
+
+
+def kill_campaign(args) -> None:
+    ghost = ["--ghost-code", args.code, "--ghost-parity-shards", str(args.parity_shards),
+             "--ghost-enable-fault-injection", "1"]
+    trials = []
+    with tempfile.TemporaryDirectory() as logs, \
+            launched(args.tp, ghost, log_dir=logs, model=args.model) as server:
+        for i in range(args.trials):
+            how = ("KILL", "SEGV")[i % 2]
+            trial = run_kill_trial(server, args.seed + i, rank=args.kill_rank, how=how)
+            trials.append(trial)
+            restart = trial.restart
+            print(f"trial {i + 1:3d}/{args.trials}: {how} of rank {trial.rank} after {trial.after_steps} "
+                  "steps "
+                  f"({trial.running_at_kill} requests running), {restart['outcome']}, "
+                  f"{restart['slots_rebuilt']} slots rebuilt / {restart['slots_recomputed']} recomputed, "
+                  f"restart {restart['seconds']:.2f} s; lost requests {trial.lost_requests}, "
+                  f"wrong tokens {trial.wrong_tokens}, scrub mismatching {trial.scrub['mismatching']} "
+                  f"not durable {trial.scrub['not_durable']}", flush=True)
+    print(f"\ncommand: python benchmarks/fault_campaign.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"{args.model} (float32), TP={args.tp} {args.code} m={args.parity_shards}, process deaths of rank "
+          f"{args.kill_rank} (kill -9 and SIGSEGV alternating), {trials[0].requests} concurrent requests")
+    print(f"trials {len(trials)}, in prefill (step 0-2) {sum(t.after_steps < 3 for t in trials)}, "
+          f"requests {sum(t.requests for t in trials)}, "
+          f"lost requests {sum(t.lost_requests for t in trials)}, "
+          f"wrong tokens {sum(t.wrong_tokens for t in trials)}, scrub mismatches "
+          f"{sum(t.scrub['mismatching'] for t in trials)}")
+    names = list(dict.fromkeys(n for t in trials for n in t.restart["phases"]))
+    print("restart phases p50 / p99 (s): " + ", ".join(
+        f"{n.removesuffix('_seconds')} {percentile([t.restart['phases'].get(n, 0) for t in trials], 50):.3f}"
+        f" / {percentile([t.restart['phases'].get(n, 0) for t in trials], 99):.3f}" for n in names))
+    seconds = [t.restart["seconds"] for t in trials]
+    print(f"restart total p50 {percentile(seconds, 50):.2f} s, p99 {percentile(seconds, 99):.2f} s")
 
 
 if __name__ == "__main__":

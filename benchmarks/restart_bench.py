@@ -44,9 +44,12 @@ def stream(port: int, ids: list[int], new_tokens: int, times: list[float], token
     for line in response:
         line = line.strip()
         if line.startswith(b"data:") and line != b"data: [DONE]":
-            chunk = json.loads(line[5:])
+            ids = json.loads(line[5:]).get("output_ids", [])
             times.append(time.monotonic())
-            tokens[:] = chunk.get("output_ids", tokens)
+            if ids[:len(tokens)] == tokens:  # cumulative output ids
+                tokens[:] = ids
+            else:  # incremental
+                tokens.extend(ids)
     connection.close()
 
 

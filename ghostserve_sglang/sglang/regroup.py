@@ -99,6 +99,9 @@ class Transcript:
         ``init_method``; re-point every holder of an old group reachable from ``roots``. Returns the
         number of references changed."""
         old = list(self.groups)
+        if torch.cuda.is_available() and hasattr(c10d, "_abort_process_group"):
+            with contextlib.suppress(Exception):  # NCCL: destroying a group whose peer died can hang
+                c10d._abort_process_group()
         with contextlib.suppress(Exception):  # groups with a dead peer may fail to shut down cleanly
             dist.destroy_process_group()
         fresh: list = []
