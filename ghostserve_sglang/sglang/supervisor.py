@@ -113,6 +113,10 @@ class Supervisor:
         if deaths > 1:
             self.fail_stop(f"{cause}, and {deaths - 1} other rank(s) died with it; only one at a time is "
                            "replaced")
+        if len(self.processes) < 2:
+            self.fail_stop(f"{cause}; with one rank there is no survivor to rebuild it from")
+        if rank == 0:
+            self.fail_stop(f"{cause}; rank 0 owns the request channel and is not replaced yet")
         self._replace(rank, process, cause)
 
     def _replace(self, rank: int, process, cause: str) -> None:
