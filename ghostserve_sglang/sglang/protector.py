@@ -108,9 +108,8 @@ class Protector:
         self.metrics.set("ghostserve_host_store_capacity_bytes", self.segment.size_bytes)
         threading.Thread(target=self._report, name="ghostserve-metrics", daemon=True).start()
         atexit.register(self.close)
-        if not membership.supervised():  # else the launcher removes them when the server stops
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._unlink_on(signum)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a stop; a replacement of a rank stopped
+            self._unlink_on(signum)  # this way starts without parity and recomputes
         log.info("config", rank=self.rank, step=0, **dataclasses.asdict(settings))
         log.info("protection started", rank=self.rank, step=0, code=code, ranks=self.ranks,
                  parity_shards=parity_shards, record_bytes=self.geometry.record_bytes,
