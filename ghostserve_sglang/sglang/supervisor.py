@@ -32,6 +32,7 @@ log = structlog.get_logger("ghostserve.supervisor")
 
 POLL_SECONDS = 0.2
 FAIL_STOP_GRACE_SECONDS = 1.0  # lets the error responses reach their clients
+REPORT_WAIT_SECONDS = 60.0  # how long a scheduler that reported a failure (SIGQUIT) may take to exit
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -167,7 +168,8 @@ class Supervisor:
         """A scheduler reported a failure (SIGQUIT): give the watch a moment to name the dead rank (and
         replace it), else stop with the report itself as the reason."""
         deaths = self.deaths
-        deadline = time.monotonic() + 20 * POLL_SECONDS
+        # A rank that raised exits after SGLang's clean-up (seconds); with replacement on, wait for it.
+        deadline = time.monotonic() + (REPORT_WAIT_SECONDS if self.rejoin_timeout_s else 20 * POLL_SECONDS)
         while time.monotonic() < deadline and not self.stopping.is_set() and self.deaths == deaths:
             time.sleep(POLL_SECONDS / 2)
         if self.standing_down:  # as SGLang would: stop the tree (the launcher's clean-up first)
