@@ -24,6 +24,7 @@ SCHEDULER_FIELDS = (
     "waiting_queue", "running_batch", "last_batch", "cur_batch_for_debug", "chunked_req",
     "_pending_chunked_abort_req", "_deferred_input_requests", "_prefill_decode_interval_remaining",
     "new_token_ratio_tracker", "processed_tokens_counter", "forward_ct", "_engine_paused",
+    "return_health_check_ipcs",
 )
 COPIED = {*SCHEDULER_FIELDS, "tree_core"}  # never sent as a name: the receiver gets the sender's
 PLAIN = (torch.Tensor, list, tuple, dict, set, str, bytes, int, float, bool, type(None))
@@ -115,6 +116,7 @@ def take(scheduler, extra: dict) -> bytes:
     state = {
         "scheduler": {n: getattr(scheduler, n) for n in SCHEDULER_FIELDS if hasattr(scheduler, n)},
         "policy_refresh_calls": getattr(scheduler.policy, "_waiting_prefix_refresh_calls", None),
+        "pending_flush": scheduler.flush_wrapper._pending,  # a flush_cache deferred until idle
         "rows": _rows_in_use(pool), "req_to_token": pool.req_to_token[_rows_in_use(pool)],
         "free_slots": list(pool.free_slots),
         "req_generation": pool.req_generation,
@@ -139,6 +141,7 @@ def load(scheduler, data: bytes) -> dict:
     state = _Unpickler(io.BytesIO(data), _singletons(scheduler)).load()
     for name, value in state["scheduler"].items():
         setattr(scheduler, name, value)
+    scheduler.flush_wrapper._pending = state["pending_flush"]
     if state["policy_refresh_calls"] is not None:
         scheduler.policy._waiting_prefix_refresh_calls = state["policy_refresh_calls"]
     pool, allocator = scheduler.req_to_token_pool, scheduler.token_to_kv_pool_allocator
