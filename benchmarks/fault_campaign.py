@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -38,11 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.kill_rank is not None:
         return kill_campaign(args)
-    ghost = ["--ghost-code", args.code, "--ghost-parity-shards", str(args.parity_shards),
-             "--ghost-enable-fault-injection", "1"]
     trials = []
-    with tempfile.TemporaryDirectory() as logs, \
-            launched(args.tp, ghost, log_dir=logs, model=args.model) as server:
+    with campaign_server(args) as server:
         for i in range(args.trials):
             trial = run_trial(server, args.seed + i, ranks=args.tp, lose=args.lose)
             trials.append(trial)
@@ -68,12 +66,19 @@ def main() -> None:
           f"(mean {statistics.mean(seconds) * 1000:.1f} ms)")
 
 
-def kill_campaign(args) -> None:
+@contextlib.contextmanager
+def campaign_server(args):
+    """The protected server every trial of a campaign runs against."""
     ghost = ["--ghost-code", args.code, "--ghost-parity-shards", str(args.parity_shards),
              "--ghost-enable-fault-injection", "1"]
-    trials = []
     with tempfile.TemporaryDirectory() as logs, \
             launched(args.tp, ghost, log_dir=logs, model=args.model) as server:
+        yield server
+
+
+def kill_campaign(args) -> None:
+    trials = []
+    with campaign_server(args) as server:
         for i in range(args.trials):
             how = ("KILL", "SEGV")[i % 2]
             trial = run_kill_trial(server, args.seed + i, rank=args.kill_rank, how=how)

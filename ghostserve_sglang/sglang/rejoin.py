@@ -14,7 +14,6 @@ back to the waiting queue with the KV they had (kept in the prefix cache), and a
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import structlog
@@ -163,10 +162,12 @@ def _broadcast(data: bytes | None, source: int, tp) -> bytes:
 
 
 # -- wrappers (patches.TARGETS) ---------------------------------------------------------------------
-def _protector():
+def _holding_protector(exc: BaseException):
+    """This rank's Protector if ``exc`` is a peer's death the launcher replaces; else None."""
     from .hooks import STATE
 
-    return STATE.protector
+    protector = STATE.protector
+    return protector if enabled() and protector is not None and peer_lost(exc) else None
 
 
 def broadcast_reqs(wrapped, instance, args, kwargs):
@@ -176,8 +177,8 @@ def broadcast_reqs(wrapped, instance, args, kwargs):
         try:
             return wrapped(*args, **kwargs)
         except Exception as exc:
-            protector = _protector()
-            if not (enabled() and protector is not None and peer_lost(exc)):
+            protector = _holding_protector(exc)
+            if protector is None:
                 raise
             hold(protector.scheduler, protector, exc, "ingest")
 
@@ -188,8 +189,8 @@ def run_batch(wrapped, instance, args, kwargs):
     try:
         return wrapped(*args, **kwargs)
     except Exception as exc:
-        protector = _protector()
-        if not (enabled() and protector is not None and peer_lost(exc)):
+        protector = _holding_protector(exc)
+        if protector is None:
             raise
         instance.forward_ct, instance.processed_tokens_counter = counters
         hold(instance, protector, exc, "run_batch", args[0] if args else kwargs["batch"])
@@ -203,10 +204,3 @@ def process_batch_result(wrapped, instance, args, kwargs):
         return None
     return wrapped(*args, **kwargs)
 
-
-def replacement_started() -> bool:
-    return membership.replacement_generation() is not None and enabled()
-
-
-def instance_from_env() -> str:
-    return os.environ.get("GHOSTSERVE_INSTANCE_ID", "")

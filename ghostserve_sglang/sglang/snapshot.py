@@ -113,11 +113,12 @@ def _rows_in_use(pool) -> torch.Tensor:
 def take(scheduler, extra: dict) -> bytes:
     """The survivor's state, pickled; ``extra`` travels with it (GhostServe's own step, the phase)."""
     pool, allocator = scheduler.req_to_token_pool, scheduler.token_to_kv_pool_allocator
+    rows = _rows_in_use(pool)
     state = {
         "scheduler": {n: getattr(scheduler, n) for n in SCHEDULER_FIELDS if hasattr(scheduler, n)},
         "policy_refresh_calls": getattr(scheduler.policy, "_waiting_prefix_refresh_calls", None),
         "pending_flush": scheduler.flush_wrapper._pending,  # a flush_cache deferred until idle
-        "rows": _rows_in_use(pool), "req_to_token": pool.req_to_token[_rows_in_use(pool)],
+        "rows": rows, "req_to_token": pool.req_to_token[rows],
         "free_slots": list(pool.free_slots),
         "req_generation": pool.req_generation,
         "free_pages": allocator.free_pages, "release_pages": allocator.release_pages,
