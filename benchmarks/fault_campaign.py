@@ -81,10 +81,10 @@ def kill_campaign(args) -> None:
     with campaign_server(args) as server:
         for i in range(args.trials):
             how = ("KILL", "SEGV")[i % 2]
-            trial = run_kill_trial(server, args.seed + i, rank=args.kill_rank, how=how)
+            trial = run_kill_trial(server, args.seed + i, ranks=[args.kill_rank], how=how)
             trials.append(trial)
             restart = trial.restart
-            print(f"trial {i + 1:3d}/{args.trials}: {how} of rank {trial.rank} after {trial.after_steps} "
+            print(f"trial {i + 1:3d}/{args.trials}: {how} of rank {trial.ranks} after {trial.after_steps} "
                   "steps "
                   f"({trial.running_at_kill} requests running), {restart['outcome']}, "
                   f"{restart['slots_rebuilt']} slots rebuilt / {restart['slots_recomputed']} recomputed, "

@@ -25,8 +25,11 @@ def request_mix(rng: random.Random, requests: int = 8) -> list[tuple[list[int], 
     return mix
 
 
-def _generate_all(server: Server, mix, pool) -> list:
-    return [pool.submit(server.generate, ids, new) for ids, new in mix]
+def _generate_all(server: Server, mix, pool, first: int = 0) -> list:
+    """Every other request is streamed (a stream that misses an output shows it in its last event);
+    ``first`` is the index of ``mix[0]`` in the whole mix."""
+    return [pool.submit(server.generate, ids, new, stream=(first + i) % 2 == 1)
+            for i, (ids, new) in enumerate(mix)]
 
 
 def generate_mix(server: Server, mix) -> list[list[int]]:
@@ -57,7 +60,7 @@ class Trial:
 @dataclasses.dataclass
 class KillTrial:
     seed: int
-    rank: int
+    ranks: list[int]
     how: str
     after_steps: int
     running_at_kill: int
@@ -73,11 +76,13 @@ class KillTrial:
         return self.lost_requests == 0 and self.wrong_tokens == 0
 
 
-def run_kill_trial(server: Server, seed: int, rank: int = 1, how: str = "KILL",
-                   after_steps: int | None = None, mix=None) -> KillTrial:
-    """One process-death trial: the mix once without a fault (the reference), then again while rank
-    ``rank``'s scheduler process ends ``after_steps`` steps into it (0: during the first prefill) —
-    ``KILL`` by ``kill -9`` of its pid from ``status``, anything else through the ``kill-rank`` drill."""
+def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", after_steps: int | None = None,
+                   mix=None, late: int = 0, moment: str = "now") -> KillTrial:
+    """One process-death trial: the mix once without a fault (the reference), then again while the
+    scheduler processes of ``ranks`` end ``after_steps`` steps into it (0: during the first prefill):
+    a signal (``KILL``, ``SEGV``, ``TERM``) sent to their pids from ``status``; or, for ``ERROR`` or a
+    ``moment`` other than ``now``, the ``kill-rank`` drill. The last ``late`` requests of the mix are
+    sent only after the deaths."""
     rng = random.Random(seed)
     mix = request_mix(rng) if mix is None else mix
     after_steps = rng.randrange(0, 28) if after_steps is None else after_steps
@@ -86,14 +91,16 @@ def run_kill_trial(server: Server, seed: int, rank: int = 1, how: str = "KILL",
     server.post("/flush_cache")
     before = server.control("status")["ranks"]
     with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
-        futures = _generate_all(server, mix, pool)
+        futures = _generate_all(server, mix[:len(mix) - late], pool)
         while server.control("status")["ranks"][0]["step"] < before[0]["step"] + after_steps:
             time.sleep(0.005)
         running = sum(not f.done() for f in futures)
-        if how == "KILL":
-            os.kill(before[rank]["pid"], signal.SIGKILL)
-        else:
-            server.control("kill-rank", rank=rank, signal=how)
+        for rank in ranks:
+            if how == "ERROR" or moment != "now":
+                server.control("kill-rank", rank=rank, signal=how, at=moment)
+            else:
+                os.kill(before[rank]["pid"], getattr(signal, f"SIG{how}"))
+        futures += _generate_all(server, mix[len(mix) - late:], pool, first=len(mix) - late)
         outputs, errors = [], []
         for future in futures:
             try:
@@ -104,10 +111,11 @@ def run_kill_trial(server: Server, seed: int, rank: int = 1, how: str = "KILL",
     lost_requests = sum(o is None or len(o) != len(r) for o, r in zip(outputs, reference))
     wrong = sum(a != b for o, r in zip(outputs, reference) if o is not None for a, b in zip(o, r))
     after = server.control("status")["ranks"]
-    if after[rank]["restarts"] != before[rank]["restarts"] + 1:
-        raise RuntimeError(f"rank {rank} was not replaced once: {before[rank]} -> {after[rank]}")
-    restart = after[rank]["last_recovery"]
-    return KillTrial(seed, rank, how, after_steps, running, len(mix), lost_requests, wrong, restart,
+    for rank in ranks:
+        if after[rank]["restarts"] != before[rank]["restarts"] + 1:
+            raise RuntimeError(f"rank {rank} was not replaced once: {before[rank]} -> {after[rank]}")
+    restart = after[ranks[0]]["last_recovery"]
+    return KillTrial(seed, list(ranks), f"{how}@{moment}" if moment != "now" else how, after_steps, running, len(mix), lost_requests, wrong, restart,
                      server.control("scrub"), errors)
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 
 from .control import ControlError, call
-from .sglang.drills import HOWS
+from .sglang.drills import HOWS, MOMENTS
 
 
 def _instance(args: argparse.Namespace) -> str:
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     kill.add_argument("--rank", type=int, required=True)
     kill.add_argument("--signal", default="KILL", choices=HOWS,
                       help="the signal the process gets; ERROR: its next forward raises instead")
+    kill.add_argument("--at", default="now", choices=MOMENTS,
+                      help="now; output: just before its next output to the detokenizer (which is lost); "
+                           "finish: just before its next output that finishes a request")
     kill.add_argument("--fail-replacement", action="store_true",
                       help="the replacement started for it fails at start-up (drills the fail stop)")
     for command in sub.choices.values():  # also after the command: `ghostserve status --json`
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "corrupt-parity": lambda: {"rank": args.rank, "slots": args.slots},
         "recover": lambda: {"ranks": args.ranks or []},
         "drain": lambda: {"pause": args.action == "pause"},
-        "kill-rank": lambda: {"rank": args.rank, "signal": args.signal,
+        "kill-rank": lambda: {"rank": args.rank, "signal": args.signal, "at": args.at,
                               "fail_replacement": args.fail_replacement},
     }.get(args.command, dict)()
     try:

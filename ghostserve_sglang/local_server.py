@@ -33,10 +33,25 @@ class Server:
         self.port, self.process, self.log_path = port, process, log_path
         self.url = f"http://127.0.0.1:{port}"
 
-    def generate(self, input_ids: list[int], max_new_tokens: int, timeout_s: float = 600) -> dict:
-        body = {"input_ids": input_ids, "sampling_params": {
+    def generate(self, input_ids: list[int], max_new_tokens: int, timeout_s: float = 600,
+                 stream: bool = False) -> dict:
+        """Greedy generation; with ``stream``, read as server-sent events and return the last one (its
+        ``output_ids`` are all the tokens the stream delivered)."""
+        body = {"input_ids": input_ids, "stream": stream, "sampling_params": {
             "max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}
-        return self.post("/generate", body, timeout_s)
+        if not stream:
+            return self.post("/generate", body, timeout_s)
+        request = urllib.request.Request(self.url + "/generate", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        last: dict = {}
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            for line in response:
+                data = line.decode().strip().removeprefix("data:").strip()
+                if data and data != "[DONE]":
+                    last = json.loads(data)
+        if "output_ids" not in last:
+            raise RuntimeError(f"the stream ended without output: {last}")
+        return last
 
     def post(self, path: str, body: dict | None = None, timeout_s: float = 600) -> dict:
         request = urllib.request.Request(self.url + path, data=json.dumps(body or {}).encode(),

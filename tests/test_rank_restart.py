@@ -60,7 +60,7 @@ def healthy_within(server, seconds: float) -> float:
 def test_a_dead_rank_is_replaced_and_every_request_finishes_unchanged(server, how, seed, after_steps):
     before = status_json(server)["ranks"]
     mix = request_mix(random.Random(seed), requests=7) + [LONG_PROMPT]
-    trial = run_kill_trial(server, seed, rank=1, how=how, after_steps=after_steps, mix=mix)
+    trial = run_kill_trial(server, seed, ranks=[1], how=how, after_steps=after_steps, mix=mix)
     assert trial.running_at_kill >= 4, trial  # the death landed while requests were decoding
     assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
     healthy_within(server, 30)
@@ -77,7 +77,7 @@ def test_a_dead_rank_is_replaced_and_every_request_finishes_unchanged(server, ho
 
 def test_random_kills_lose_no_request_and_change_no_token(server):
     rng = random.Random(12)
-    trials = [run_kill_trial(server, 100 + i, rank=1, how="KILL", after_steps=rng.randrange(0, 28))
+    trials = [run_kill_trial(server, 100 + i, ranks=[1], how="KILL", after_steps=rng.randrange(0, 28))
               for i in range(3)]
     assert [(t.lost_requests, t.wrong_tokens) for t in trials] == [(0, 0)] * 3, trials
     assert all(t.scrub["mismatching"] == 0 and t.scrub["not_durable"] == 0 for t in trials)

@@ -12,33 +12,54 @@ from ..store.segment import SHM_DIR
 
 SIGNALS = ("KILL", "TERM", "SEGV")
 HOWS = (*SIGNALS, "ERROR")  # ERROR: the rank's next forward raises, and SGLang ends the process
+MOMENTS = ("now", "output", "finish")  # when: at once, before its next output, before a finishing one
 KILL_DELAY_SECONDS = 0.2  # the reply leaves rank 0 before the target goes
 FORWARD_ERROR = threading.Event()  # set on the target rank: its next forward raises
+AT_OUTPUT: dict = {}  # on the target rank, for a moment other than "now": {"moment": ..., "how": ...}
 
 
 class DrillError(RuntimeError):
     """Raised on purpose by a drill."""
 
 
-def kill_rank(protector, rank: int, how: str, fail_replacement: bool = False) -> dict:
+def kill_rank(protector, rank: int, how: str, fail_replacement: bool = False, moment: str = "now") -> dict:
     """Every rank reports its pid; rank ``rank`` then ends: it sends itself the signal ``how`` from a
     timer thread, so the signal lands wherever its scheduler happens to be (prefill, decode, idle), or,
-    for ``ERROR``, its next forward raises. With ``fail_replacement`` the rank started in its place fails
-    at start-up, as one whose device is gone would."""
+    for ``ERROR``, its next forward raises. With ``moment`` ``output`` (``finish``) it ends instead just
+    before it sends its next output (one that finishes a request) to the detokenizer, so that output is
+    lost. With ``fail_replacement`` the rank started in its place fails at start-up, as one whose device
+    is gone would."""
     if not (isinstance(rank, int) and 0 <= rank < protector.ranks):
         return {"error": f"rank={rank!r} is not allowed; give a rank in 0..{protector.ranks - 1}"}
     if how not in HOWS:
         return {"error": f"signal={how!r} is not allowed; allowed: {', '.join(HOWS)}"}
+    if moment not in MOMENTS:
+        return {"error": f"at={moment!r} is not allowed; allowed: {', '.join(MOMENTS)}"}
     pids = protector.call(lambda: protector.gather_objects(os.getpid()))
     if protector.rank == rank:
         if fail_replacement:
             open(_fail_marker(protector.instance_id, rank), "w").close()
-        if how == "ERROR":
+        if moment != "now":
+            AT_OUTPUT.update(moment=moment, how=how)
+        elif how == "ERROR":
             FORWARD_ERROR.set()
         else:
             signum = getattr(signal, f"SIG{how}")
             threading.Timer(KILL_DELAY_SECONDS, os.kill, (os.getpid(), signum)).start()
-    return {"rank": rank, "pid": pids[rank], "signal": how, "fail_replacement": fail_replacement}
+    return {"rank": rank, "pid": pids[rank], "signal": how, "at": moment, "fail_replacement": fail_replacement}
+
+
+def before_output(rank: int, reqs) -> None:
+    """On the target of a ``kill-rank --at output|finish`` drill: end here if this output qualifies."""
+    if not AT_OUTPUT:
+        return
+    wanted = (lambda r: r.finished()) if AT_OUTPUT["moment"] == "finish" else (lambda r: r.stream or r.finished())
+    if not any(wanted(r) and not r.finished_output for r in reqs):
+        return
+    how = AT_OUTPUT.pop("how")
+    if how == "ERROR":
+        raise DrillError(f"ghostserve drill: TP rank {rank}'s output raised (kill-rank --signal ERROR)")
+    os.kill(os.getpid(), getattr(signal, f"SIG{how}"))
 
 
 def before_forward(rank: int) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from ..control import ControlRequest
 from ..settings import Settings
-from . import drills
+from . import drills, handover
 
 log = structlog.get_logger("ghostserve.hooks")
 
@@ -78,12 +78,26 @@ def scheduler_init(wrapped, instance, args, kwargs):
 
 
 def pull_raw_reqs(wrapped, instance, args, kwargs):
-    """Rank 0 adds pending control requests to what it pulled; SGLang's broadcast carries them."""
+    """Rank 0 adds pending control requests to what it pulled; SGLang's broadcast carries them. After
+    rank 0 was replaced, requests sent again by the main process are admitted once (handover)."""
     reqs = wrapped(*args, **kwargs)
     protector = STATE.protector
     if reqs is not None and protector is not None and protector.control is not None:
+        reqs = handover.admit(reqs)
         reqs.extend(protector.control.take())
     return reqs
+
+
+def stream_output(wrapped, instance, args, kwargs):
+    """``SchedulerOutputStreamer.stream_output``, every rank: keep the requests it finished, which a
+    replacement rank 0 may have to answer again."""
+    protector = STATE.protector
+    if protector is not None and protector.settings.enable_fault_injection:
+        drills.before_output(protector.rank, _arg(args, kwargs, 0, "reqs"))
+    result = wrapped(*args, **kwargs)
+    if STATE.protector is not None:
+        _guarded("stream_output", handover.remember_finished, _arg(args, kwargs, 0, "reqs"))
+    return result
 
 
 def process_input_requests(wrapped, instance, args, kwargs):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import structlog
 import wrapt
 
-from . import cpu_compat, hooks, rejoin, supervisor
+from . import cpu_compat, hooks, journal, rejoin, supervisor
 
 log = structlog.get_logger("ghostserve.patches")
 
@@ -64,6 +64,8 @@ TARGETS = (
            "SchedulerRequestReceiver._broadcast_reqs_across_ranks", rejoin.broadcast_reqs),
     Target("sglang.srt.managers.scheduler", "Scheduler.run_batch", rejoin.run_batch),
     Target("sglang.srt.managers.scheduler", "Scheduler.process_batch_result", rejoin.process_batch_result),
+    Target("sglang.srt.managers.scheduler_components.output_streamer", "SchedulerOutputStreamer.stream_output",
+           hooks.stream_output),
 )
 
 # On a CPU-only machine, whether or not protection is on (``--ghost-code off`` too): see cpu_compat.
@@ -82,6 +84,10 @@ MAIN_TARGETS = (
            supervisor.running_phase_sigquit),
     Target("sglang.srt.utils.watchdog", "SubprocessWatchdog._check_processes",
            supervisor.watchdog_check_processes),
+    Target("sglang.srt.managers.tokenizer_manager", "TokenizerManager._dispatch_to_scheduler",
+           journal.dispatch_to_scheduler),
+    Target("sglang.srt.managers.tokenizer_manager", "TokenizerManager._async_dispatch_to_scheduler",
+           journal.async_dispatch_to_scheduler),
 )
 
 

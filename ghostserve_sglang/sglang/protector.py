@@ -161,7 +161,7 @@ class Protector:
             return self.call(lambda: self._corrupt(int(args["rank"]), int(args["slots"])))
         if request.op == "kill-rank":
             return drills.kill_rank(self, args.get("rank"), args.get("signal", "KILL"),
-                                    bool(args.get("fail_replacement", False)))
+                                    bool(args.get("fail_replacement", False)), args.get("at", "now"))
         ranks = args.get("ranks") or sorted(self.lost)
         if not ranks:
             return {"error": f"{request.op} needs --rank: no rank has lost its KV"}

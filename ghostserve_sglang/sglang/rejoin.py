@@ -20,7 +20,7 @@ import structlog
 import torch
 import torch.distributed as dist
 
-from . import membership, snapshot
+from . import handover, membership, snapshot
 from .regroup import Transcript
 
 log = structlog.get_logger("ghostserve.rejoin")
@@ -106,6 +106,8 @@ def join(scheduler, protector, generation: int, phases: dict) -> None:
     _settle(scheduler, protector, lost, phase, batch, phases, len(data))
     if phase == "run_batch":
         scheduler.last_batch = batch  # what SGLang's loop sets after the (rolled back) batch
+    if handover.CHANNEL is not None:  # this is rank 0: send what the clients did not get
+        handover.take_over(scheduler, handover.ask_main_process("delivered"))
 
 
 def _regroup(announced: dict, holders: list) -> None:

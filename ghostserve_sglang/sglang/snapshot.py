@@ -20,6 +20,8 @@ import weakref
 import numpy as np
 import torch
 
+from . import handover
+
 SCHEDULER_FIELDS = (
     "waiting_queue", "running_batch", "last_batch", "cur_batch_for_debug", "chunked_req",
     "_pending_chunked_abort_req", "_deferred_input_requests", "_prefill_decode_interval_remaining",
@@ -118,6 +120,7 @@ def take(scheduler, extra: dict) -> bytes:
         "scheduler": {n: getattr(scheduler, n) for n in SCHEDULER_FIELDS if hasattr(scheduler, n)},
         "policy_refresh_calls": getattr(scheduler.policy, "_waiting_prefix_refresh_calls", None),
         "pending_flush": scheduler.flush_wrapper._pending,  # a flush_cache deferred until idle
+        "recent_finished": list(handover.RECENT),  # a replacement rank 0 may answer them again
         "rows": rows, "req_to_token": pool.req_to_token[rows],
         "free_slots": list(pool.free_slots),
         "req_generation": pool.req_generation,
@@ -143,6 +146,8 @@ def load(scheduler, data: bytes) -> dict:
     for name, value in state["scheduler"].items():
         setattr(scheduler, name, value)
     scheduler.flush_wrapper._pending = state["pending_flush"]
+    handover.RECENT.clear()
+    handover.RECENT.extend(state["recent_finished"])
     if state["policy_refresh_calls"] is not None:
         scheduler.policy._waiting_prefix_refresh_calls = state["policy_refresh_calls"]
     pool, allocator = scheduler.req_to_token_pool, scheduler.token_to_kv_pool_allocator

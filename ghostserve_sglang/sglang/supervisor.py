@@ -16,6 +16,7 @@ stopped, and one log line says why. Deaths of other processes (the detokenizer) 
 
 from __future__ import annotations
 
+import concurrent.futures
 import multiprocessing
 import os
 import signal
@@ -26,13 +27,14 @@ import time
 
 import structlog
 
-from . import membership
+from . import handover, journal, membership
 
 log = structlog.get_logger("ghostserve.supervisor")
 
 POLL_SECONDS = 0.2
 FAIL_STOP_GRACE_SECONDS = 1.0  # lets the error responses reach their clients
-REPORT_WAIT_SECONDS = 60.0  # how long a scheduler that reported a failure (SIGQUIT) may take to exit
+REPORT_WAIT_SECONDS = 60.0
+EVENT_LOOP_TIMEOUT_SECONDS = 30.0  # how long a scheduler that reported a failure (SIGQUIT) may take to exit
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -116,8 +118,6 @@ class Supervisor:
                            "replaced")
         if len(self.processes) < 2:
             self.fail_stop(f"{cause}; with one rank there is no survivor to rebuild it from")
-        if rank == 0:
-            self.fail_stop(f"{cause}; rank 0 owns the request channel and is not replaced yet")
         self._replace(rank, process, cause)
 
     def _replace(self, rank: int, process, cause: str) -> None:
@@ -127,20 +127,27 @@ class Supervisor:
         port = _free_port()
         membership.announce(self.instance_id, self.generation, port, [rank])
         reader, writer = multiprocessing.Pipe(duplex=False)
+        # Rank 0's replacement asks the main process what the clients have received (handover).
+        questions, their_end = multiprocessing.Pipe() if rank == 0 else (None, None)
         target, server_args, port_args = self.launch
         gpu_id = server_args.base_gpu_id + rank * server_args.gpu_id_step  # as SGLang placed it (pp = 1)
         args = (server_args, port_args, gpu_id, rank, 0, None, writer)
         environment = {membership.REPLACEMENT_ENV: str(self.generation),
                        membership.REPLACEMENT_RANK_ENV: str(rank),
                        "SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE": f"tcp://127.0.0.1:{port}"}
-        replacement = multiprocessing.Process(target=run_replacement, args=(environment, target, args))
+        replacement = multiprocessing.Process(target=run_replacement,
+                                              args=(environment, target, args, their_end))
         self.replacing = True
         replacement.start()
         writer.close()
+        if their_end is not None:
+            their_end.close()
         self.processes[rank] = replacement
         log.warning("replacing rank", rank=rank, pid=replacement.pid, generation=self.generation, port=port)
         deadline = started + self.rejoin_timeout_s
         while not reader.poll(POLL_SECONDS):
+            if questions is not None and questions.poll():
+                self._answer(questions)
             others = [(r, p) for r, p in enumerate(self.processes) if r != rank and p.exitcode is not None]
             if replacement.exitcode is not None:
                 self.fail_stop(f"{cause}; its replacement (pid {replacement.pid}) "
@@ -159,10 +166,35 @@ class Supervisor:
             self.fail_stop(f"{cause}; its replacement (pid {replacement.pid}) "
                            f"{describe_exit(replacement.exitcode)} before it joined")
         reader.close()
+        if questions is not None:
+            questions.close()
+            self._in_event_loop(journal.redeliver)
         self.replacing = False
         self.restarts[rank] = self.restarts.get(rank, 0) + 1
         log.warning("rank replaced", rank=rank, pid=replacement.pid, restarts=self.restarts[rank],
                     seconds=round(time.monotonic() - started, 3))
+
+    def _answer(self, questions) -> None:
+        """A question from rank 0's replacement (handover); a closed pipe is left to the wait loop."""
+        try:
+            question = questions.recv()
+        except EOFError:
+            return
+        if question == "delivered":
+            questions.send(self._in_event_loop(journal.delivered))
+
+    def _in_event_loop(self, fn):
+        """``fn(tokenizer_manager)``, run on the tokenizer manager's event loop (which owns its state)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                done.set_result(fn(self.tokenizer_manager))
+            except Exception as exc:
+                done.set_exception(exc)
+
+        self.tokenizer_manager.event_loop.call_soon_threadsafe(call)
+        return done.result(timeout=EVENT_LOOP_TIMEOUT_SECONDS)
 
     def on_failure_report(self) -> None:
         """A scheduler reported a failure (SIGQUIT): give the watch a moment to name the dead rank (and
@@ -223,9 +255,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_replacement(environment: dict, target, args: tuple) -> None:
-    """A replacement scheduler process: SGLang's own entry point, told which generation it joins."""
+def run_replacement(environment: dict, target, args: tuple, questions=None) -> None:
+    """A replacement scheduler process: SGLang's own entry point, told which generation it joins
+    (rank 0's also gets a pipe for its questions to the main process)."""
     os.environ.update(environment)
+    handover.CHANNEL = questions
     target(*args)
 
 
