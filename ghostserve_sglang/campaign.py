@@ -115,7 +115,8 @@ def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", aft
         if after[rank]["restarts"] != before[rank]["restarts"] + 1:
             raise RuntimeError(f"rank {rank} was not replaced once: {before[rank]} -> {after[rank]}")
     restart = after[ranks[0]]["last_recovery"]
-    return KillTrial(seed, list(ranks), f"{how}@{moment}" if moment != "now" else how, after_steps, running, len(mix), lost_requests, wrong, restart,
+    label = f"{how}@{moment}" if moment != "now" else how
+    return KillTrial(seed, list(ranks), label, after_steps, running, len(mix), lost_requests, wrong, restart,
                      server.control("scrub"), errors)
 
 

@@ -22,7 +22,8 @@ class DrillError(RuntimeError):
     """Raised on purpose by a drill."""
 
 
-def kill_rank(protector, rank: int, how: str, fail_replacement: bool = False, moment: str = "now") -> dict:
+def kill_rank(protector, rank: int, how: str, fail_replacement: bool = False,
+              moment: str = "now") -> dict:
     """Every rank reports its pid; rank ``rank`` then ends: it sends itself the signal ``how`` from a
     timer thread, so the signal lands wherever its scheduler happens to be (prefill, decode, idle), or,
     for ``ERROR``, its next forward raises. With ``moment`` ``output`` (``finish``) it ends instead just
@@ -46,15 +47,16 @@ def kill_rank(protector, rank: int, how: str, fail_replacement: bool = False, mo
         else:
             signum = getattr(signal, f"SIG{how}")
             threading.Timer(KILL_DELAY_SECONDS, os.kill, (os.getpid(), signum)).start()
-    return {"rank": rank, "pid": pids[rank], "signal": how, "at": moment, "fail_replacement": fail_replacement}
+    return {"rank": rank, "pid": pids[rank], "signal": how, "at": moment,
+            "fail_replacement": fail_replacement}
 
 
 def before_output(rank: int, reqs) -> None:
     """On the target of a ``kill-rank --at output|finish`` drill: end here if this output qualifies."""
     if not AT_OUTPUT:
         return
-    wanted = (lambda r: r.finished()) if AT_OUTPUT["moment"] == "finish" else (lambda r: r.stream or r.finished())
-    if not any(wanted(r) and not r.finished_output for r in reqs):
+    finish = AT_OUTPUT["moment"] == "finish"
+    if not any((r.finished() or (r.stream and not finish)) and not r.finished_output for r in reqs):
         return
     how = AT_OUTPUT.pop("how")
     if how == "ERROR":

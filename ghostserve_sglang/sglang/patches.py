@@ -64,8 +64,8 @@ TARGETS = (
            "SchedulerRequestReceiver._broadcast_reqs_across_ranks", rejoin.broadcast_reqs),
     Target("sglang.srt.managers.scheduler", "Scheduler.run_batch", rejoin.run_batch),
     Target("sglang.srt.managers.scheduler", "Scheduler.process_batch_result", rejoin.process_batch_result),
-    Target("sglang.srt.managers.scheduler_components.output_streamer", "SchedulerOutputStreamer.stream_output",
-           hooks.stream_output),
+    Target("sglang.srt.managers.scheduler_components.output_streamer",
+           "SchedulerOutputStreamer.stream_output", hooks.stream_output),
 )
 
 # On a CPU-only machine, whether or not protection is on (``--ghost-code off`` too): see cpu_compat.
