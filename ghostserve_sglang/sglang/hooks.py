@@ -63,8 +63,11 @@ def scheduler_init(wrapped, instance, args, kwargs):
     instance_id = STATE.settings.instance_id or str(args[0].port if args else kwargs["server_args"].port)
     rejoin.MEMBERS.instance_id = instance_id
     generation = rejoin.membership.replacement_generation() if rejoin.enabled() else None
-    if generation is not None and STATE.settings.enable_fault_injection:
-        drills.check_replacement(instance_id, rejoin.membership.replacement_rank())
+    if generation is not None:
+        if STATE.settings.enable_fault_injection:
+            drills.check_replacement(instance_id, rejoin.membership.replacement_rank())
+        server_args = args[0] if args else kwargs["server_args"]
+        rejoin.arrive(generation, rejoin.membership.replacement_rank(), server_args.tp_size)
     started = time.time()
     with rejoin.MEMBERS.transcript.recording():
         wrapped(*args, **kwargs)

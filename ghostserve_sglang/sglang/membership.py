@@ -4,10 +4,16 @@ scheduler processes read (docs/rank-restart.md, "Spawn").
 ``/dev/shm/ghostserve-<instance>-members.json`` holds the generation (how many replacements so far), the
 port of the fresh rendezvous every rank joins, and the ranks being replaced. It is written whole and
 renamed into place, so a reader never sees half of it.
+
+Before a rank enters the rendezvous of a generation it leaves an arrival mark and waits for every
+rank's (``arrive``, ``gathered``). A rank that dies before that point (a second death during a
+replacement) then never holds the others in a rendezvous that cannot complete: they see the next
+generation announced instead and go on to that one.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -24,7 +30,13 @@ def path(instance_id: str) -> str:
     return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-members.json")
 
 
+def _mark(instance_id: str, generation: int | str, rank: int | str) -> str:
+    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-arrived-g{generation}-rank{rank}")
+
+
 def announce(instance_id: str, generation: int, port: int, replaced: list[int]) -> None:
+    for mark in glob.glob(_mark(instance_id, "*", "*")):  # earlier generations' arrivals
+        os.unlink(mark)
     target = path(instance_id)
     staging = f"{target}.{os.getpid()}.tmp"
     with open(staging, "w") as f:
@@ -53,9 +65,26 @@ def wait_for(instance_id: str, after: int, timeout_s: float) -> dict | None:
         time.sleep(POLL_SECONDS)
 
 
+def arrive(instance_id: str, generation: int, rank: int) -> None:
+    open(_mark(instance_id, generation, rank), "w").close()
+
+
+def gathered(instance_id: str, generation: int, ranks: int, timeout_s: float) -> bool:
+    """Wait until all ``ranks`` ranks have arrived at ``generation``; False as soon as a later one is
+    announced (or after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not all(os.path.exists(_mark(instance_id, generation, r)) for r in range(ranks)):
+        current = read(instance_id)
+        if (current is not None and current["generation"] > generation) or time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
 def remove(instance_id: str) -> None:
-    if os.path.exists(path(instance_id)):
-        os.unlink(path(instance_id))
+    for name in (path(instance_id), *glob.glob(_mark(instance_id, "*", "*"))):
+        if os.path.exists(name):
+            os.unlink(name)
 
 
 def supervised() -> bool:

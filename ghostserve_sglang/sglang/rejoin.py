@@ -26,6 +26,8 @@ from .regroup import Transcript
 log = structlog.get_logger("ghostserve.rejoin")
 
 ANNOUNCEMENT_WAIT_SECONDS = 10.0  # a failed collective without a replacement announced is a real error
+RENDEZVOUS_WAIT_SECONDS = 3600.0  # the supervisor's own deadline (--ghost-rejoin-timeout-seconds) decides
+PROGRESS = {"run_batch": 0, "ingest": 1}  # with equal broadcasts: failed in the forward < in the next ingest
 
 
 class RejoinError(RuntimeError):
@@ -38,6 +40,7 @@ class Membership:
     generation: int = 0
     transcript: Transcript = dataclasses.field(default_factory=Transcript)
     restarts: dict = dataclasses.field(default_factory=dict)  # tp rank -> replacements seen
+    broadcasts: int = 0  # request broadcasts this rank completed (how far it got)
 
 
 MEMBERS = Membership()
@@ -58,68 +61,113 @@ def enabled() -> bool:
     return membership.supervised()
 
 
-def hold(scheduler, protector, exc: BaseException, phase: str, batch=None) -> None:
+def hold(scheduler, protector, exc: BaseException, phase: str, batch=None) -> bool:
     """A survivor's collective failed with ``exc`` in ``phase``. Returns once the group is whole again
-    and the state agrees; raises ``exc`` if no replacement is announced (a real error)."""
+    and the state agrees; raises ``exc`` if no replacement is announced (a real error). Returns whether
+    this rank took the state of a survivor that had got further (then the interrupted call is void)."""
     announced = membership.wait_for(MEMBERS.instance_id, MEMBERS.generation, ANNOUNCEMENT_WAIT_SECONDS)
     if announced is None:
         raise exc
     started = time.monotonic()
-    lost = announced["replaced"]
     log.warning("peer lost; holding for its replacement", rank=protector.rank, step=protector.step,
-                phase=phase, lost_ranks=lost, generation=announced["generation"], error=str(exc)[:200])
-    protector.quiesce()
+                phase=phase, lost_ranks=announced["replaced"], generation=announced["generation"],
+                error=str(exc)[:200])
     phases = {"detect_seconds": time.monotonic() - started}
-    # SGLang's scheduler watchdog counts a batch that makes no progress as stuck; this one waits on purpose.
-    in_flight, scheduler.cur_batch_for_debug = scheduler.cur_batch_for_debug, None
-    try:
-        _regroup(announced, [scheduler, protector])
-    finally:
-        scheduler.cur_batch_for_debug = in_flight
-    started = time.monotonic()
-    tp = _tp_group()
-    source = min(r for r in range(tp.world_size) if r not in lost)
-    data = None
-    if tp.rank_in_group == source:
-        data = snapshot.take(scheduler, {"step": protector.step, "phase": phase,
-                                         "restarts": MEMBERS.restarts})
-    data = _broadcast(data, source, tp)
-    phases["state_transfer_seconds"] = time.monotonic() - started
-    _settle(scheduler, protector, lost, phase, batch, phases, len(data))
+    while True:  # another rank may die while this one is being replaced: then a new generation
+        protector.quiesce()
+        try:
+            _rendezvous(announced, protector.rank, [scheduler, protector])
+            return _transfer(scheduler, protector, announced["replaced"], phase, batch, phases)
+        except Exception as again:
+            if not (isinstance(again, _Superseded) or peer_lost(again)):
+                raise
+            later = membership.wait_for(MEMBERS.instance_id, announced["generation"],
+                                        ANNOUNCEMENT_WAIT_SECONDS)
+            if later is None:
+                raise
+            log.warning("another rank lost during the replacement", rank=protector.rank,
+                        lost_ranks=later["replaced"], generation=later["generation"], error=str(again)[:200])
+            announced = later
 
 
 def join(scheduler, protector, generation: int, phases: dict) -> None:
     """The replacement's side, at the end of its start-up (``phases`` says how long it took): receive
     the state, then settle."""
-    started = time.monotonic()
-    announced = membership.read(MEMBERS.instance_id)
     MEMBERS.generation = generation
-    lost = announced["replaced"]
-    tp = _tp_group()
-    source = min(r for r in range(tp.world_size) if r not in lost)
-    data = _broadcast(None, source, tp)
-    extra = snapshot.load(scheduler, data)
-    protector.step = extra["step"]
-    MEMBERS.restarts = extra["restarts"]
-    phase, batch = extra["phase"], scheduler.cur_batch_for_debug
-    phases["state_transfer_seconds"] = time.monotonic() - started
-    _settle(scheduler, protector, lost, phase, batch, phases, len(data))
-    if phase == "run_batch":
-        scheduler.last_batch = batch  # what SGLang's loop sets after the (rolled back) batch
+    _transfer(scheduler, protector, membership.read(MEMBERS.instance_id)["replaced"], None, None, phases)
     if handover.CHANNEL is not None:  # this is rank 0: send what the clients did not get
         handover.take_over(scheduler, handover.ask_main_process("delivered"))
 
 
-def _regroup(announced: dict, holders: list) -> None:
-    """Re-form the groups; SGLang's group coordinators (its module globals) and ``holders`` are
-    re-pointed at the new ones."""
+class _Superseded(RuntimeError):
+    """A later generation was announced before every rank arrived at this one."""
+
+
+def arrive(generation: int, rank: int, world: int) -> None:
+    """Mark this rank's arrival at ``generation`` and wait for every other rank's."""
+    membership.arrive(MEMBERS.instance_id, generation, rank)
+    if not membership.gathered(MEMBERS.instance_id, generation, world, RENDEZVOUS_WAIT_SECONDS):
+        raise _Superseded(f"generation {generation} was superseded before every rank arrived")
+
+
+def _rendezvous(announced: dict, rank: int, holders: list) -> None:
     from sglang.srt.distributed import parallel_state
 
+    arrive(announced["generation"], rank, _tp_group().world_size)
     MEMBERS.generation = announced["generation"]
     coordinators = [ref() for ref in parallel_state._groups.values()]
-    changed = MEMBERS.transcript.replay(f"tcp://127.0.0.1:{announced['port']}",
-                                        [parallel_state, *filter(None, coordinators), *holders])
+    scheduler = holders[0]
+    # SGLang's scheduler watchdog counts a batch that makes no progress as stuck; this one waits on purpose.
+    in_flight, scheduler.cur_batch_for_debug = scheduler.cur_batch_for_debug, None
+    try:
+        changed = MEMBERS.transcript.replay(f"tcp://127.0.0.1:{announced['port']}",
+                                            [parallel_state, *filter(None, coordinators), *holders])
+    finally:
+        scheduler.cur_batch_for_debug = in_flight
     log.info("groups re-formed", generation=announced["generation"], holders_changed=changed)
+
+
+def _transfer(scheduler, protector, lost: list[int], phase: str | None, batch, phases: dict) -> bool:
+    """Every rank, once the groups are re-formed: the survivor that got furthest (``phase`` None: a
+    replacement) sends its state; whoever is behind it loads it; then settle. Returns whether this rank
+    loaded the state."""
+    started = time.monotonic()
+    tp = _tp_group()
+    mine = None if phase is None else (MEMBERS.broadcasts, PROGRESS[phase])
+    every: list = [None] * tp.world_size
+    dist.all_gather_object(every, mine, group=tp.cpu_group)
+    source = max((r for r in range(tp.world_size) if every[r] is not None), key=lambda r: (every[r], -r))
+    data = None
+    if tp.rank_in_group == source:
+        data = snapshot.take(scheduler, {"step": protector.step, "phase": phase, "restarts": MEMBERS.restarts,
+                                         "broadcasts": MEMBERS.broadcasts})
+    data = _broadcast(data, source, tp)
+    loads = mine != every[source]
+    if loads:
+        interrupted = batch
+        extra = snapshot.load(scheduler, data)
+        protector.step, MEMBERS.restarts = extra["step"], extra["restarts"]
+        MEMBERS.broadcasts = extra["broadcasts"]
+        phase, batch = extra["phase"], scheduler.cur_batch_for_debug
+        if interrupted is not None:  # SGLang's loop makes its own (now stale) batch the last one
+            _stand_in(scheduler, interrupted, scheduler.last_batch if phase == "ingest" else batch)
+            batch = interrupted if phase == "run_batch" else batch
+    phases["state_transfer_seconds"] = time.monotonic() - started
+    _settle(scheduler, protector, lost, phase, batch, phases, len(data))
+    if loads and phase == "run_batch":
+        scheduler.last_batch = batch  # what SGLang's loop sets after the (rolled back) batch
+    return loads
+
+
+def _stand_in(scheduler, stale, loaded) -> None:
+    """Make the batch object SGLang's loop holds (``stale``) the loaded one in all but identity."""
+    from .regroup import repoint
+
+    if loaded is None:
+        stale.filter_batch(keep_indices=[])
+        return
+    stale.__dict__ = loaded.__dict__
+    repoint([(loaded, stale)], [scheduler])
 
 
 def _settle(scheduler, protector, lost: list[int], phase: str, batch, phases: dict, state_bytes: int) -> None:
@@ -177,12 +225,17 @@ def broadcast_reqs(wrapped, instance, args, kwargs):
     the same requests again to the re-formed group."""
     while True:
         try:
-            return wrapped(*args, **kwargs)
+            result = wrapped(*args, **kwargs)
+            MEMBERS.broadcasts += 1
+            return result
         except Exception as exc:
             protector = _holding_protector(exc)
             if protector is None:
                 raise
-            hold(protector.scheduler, protector, exc, "ingest")
+            if hold(protector.scheduler, protector, exc, "ingest"):
+                # A survivor got these requests (they are in the state now): join the next broadcast.
+                pulled = args[0] if args else kwargs.get("recv_reqs")
+                args, kwargs = ([] if pulled is not None else None,), {}
 
 
 def run_batch(wrapped, instance, args, kwargs):

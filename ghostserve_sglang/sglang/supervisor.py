@@ -86,7 +86,7 @@ class Supervisor:
     # -- the watch ----------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self.stopping.wait(POLL_SECONDS):
-            dead = [(rank, p) for rank, p in enumerate(self.processes) if p.exitcode is not None]
+            dead = self._dead()
             if dead:
                 # A survivor whose collective failed exits too; the one a signal ended is the cause.
                 rank, process = min(dead, key=lambda d: (d[1].exitcode >= 0, d[0]))
@@ -95,7 +95,11 @@ class Supervisor:
                     log.info("scheduler processes stopped with the server; not a fault", rank=rank)
                     self.stopping.set()
                     return
-                self._on_death(rank, process, len(dead))
+                self._on_death(self._dead())  # deaths within the shutdown check's wait count as one
+
+    def _dead(self, among=None) -> list[tuple[int, object]]:
+        return [(r, p) for r, p in enumerate(self.processes)
+                if p.exitcode is not None and (among is None or r in among)]
 
     def _shutting_down(self, process) -> bool:
         """Whether the server is being stopped: SGLang's SIGTERM handler ran in this process, or a TERM
@@ -106,28 +110,60 @@ class Supervisor:
             return True
         return all(p.exitcode in (-signal.SIGTERM, -signal.SIGINT) for p in self.processes)
 
-    def _on_death(self, rank: int, process, deaths: int) -> None:
-        self.deaths += 1
-        log.error("rank process died", rank=rank, pid=process.pid, exitcode=process.exitcode,
-                  how=describe_exit(process.exitcode))
-        cause = f"TP rank {rank}'s scheduler process (pid {process.pid}) {describe_exit(process.exitcode)}"
+    def _describe(self, dead: list) -> str:
+        self.deaths += len(dead)
+        for rank, process in dead:
+            log.error("rank process died", rank=rank, pid=process.pid, exitcode=process.exitcode,
+                      how=describe_exit(process.exitcode))
+        return ", and ".join(f"TP rank {r}'s scheduler process (pid {p.pid}) {describe_exit(p.exitcode)}"
+                             for r, p in dead)
+
+    def _on_death(self, dead: list) -> None:
+        cause = self._describe(dead)
         if not self.rejoin_timeout_s:
             self.fail_stop(f"{cause}; the server cannot continue without it")
-        if deaths > 1:
-            self.fail_stop(f"{cause}, and {deaths - 1} other rank(s) died with it; only one at a time is "
-                           "replaced")
-        if len(self.processes) < 2:
-            self.fail_stop(f"{cause}; with one rank there is no survivor to rebuild it from")
-        self._replace(rank, process, cause)
+        self._replace(sorted(r for r, _ in dead), cause)
 
-    def _replace(self, rank: int, process, cause: str) -> None:
-        """Start a replacement for ``rank`` and wait until it has joined; else fail stop."""
+    def _replace(self, ranks: list[int], cause: str) -> None:
+        """Start a replacement for each of ``ranks`` and wait until they have joined. If another rank
+        dies meanwhile, start again with it included (a new generation); fail stop if no rank is left
+        to take the state from, if a replacement fails by itself, or at the deadline."""
         started = time.monotonic()
-        self.generation += 1
-        port = _free_port()
-        membership.announce(self.instance_id, self.generation, port, [rank])
+        deadline = started + self.rejoin_timeout_s
+        self.replacing = True
+        while True:
+            if len(ranks) == len(self.processes):
+                self.fail_stop(f"{cause}; no rank survives to take the scheduler state from")
+            self.generation += 1
+            port = _free_port()
+            membership.announce(self.instance_id, self.generation, port, ranks)
+            spawned = {rank: self._spawn(rank, port) for rank in ranks}
+            more = self._await_join(spawned, deadline, cause)
+            if not more:
+                break
+            for process, *pipes in spawned.values():  # this attempt is void: start again with them
+                if process.exitcode is None:
+                    process.kill()
+                process.join(timeout=30)
+                for pipe in filter(None, pipes):
+                    pipe.close()
+            time.sleep(2 * POLL_SECONDS)  # deaths close together are replaced together
+            more = self._dead(among=set(range(len(self.processes))) - set(ranks))
+            cause = f"{cause}; then {self._describe(more)} while it was being replaced"
+            ranks = sorted({*ranks, *(r for r, _ in more)})
+        if 0 in ranks:
+            self._in_event_loop(journal.redeliver)
+        self.replacing = False
+        for rank in ranks:
+            self.restarts[rank] = self.restarts.get(rank, 0) + 1
+            log.warning("rank replaced", rank=rank, pid=self.processes[rank].pid,
+                        restarts=self.restarts[rank], generation=self.generation,
+                        seconds=round(time.monotonic() - started, 3))
+
+    def _spawn(self, rank: int, port: int) -> tuple:
+        """A replacement process for ``rank``, started; with its ready pipe (and rank 0's question
+        pipe: its replacement asks the main process what the clients have received, see handover)."""
         reader, writer = multiprocessing.Pipe(duplex=False)
-        # Rank 0's replacement asks the main process what the clients have received (handover).
         questions, their_end = multiprocessing.Pipe() if rank == 0 else (None, None)
         target, server_args, port_args = self.launch
         gpu_id = server_args.base_gpu_id + rank * server_args.gpu_id_step  # as SGLang placed it (pp = 1)
@@ -137,48 +173,53 @@ class Supervisor:
                        "SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE": f"tcp://127.0.0.1:{port}"}
         replacement = multiprocessing.Process(target=run_replacement,
                                               args=(environment, target, args, their_end))
-        self.replacing = True
         replacement.start()
         writer.close()
         if their_end is not None:
             their_end.close()
         self.processes[rank] = replacement
         log.warning("replacing rank", rank=rank, pid=replacement.pid, generation=self.generation, port=port)
-        deadline = started + self.rejoin_timeout_s
-        while not reader.poll(POLL_SECONDS):
-            if questions is not None and questions.poll():
-                self._answer(questions)
-            others = [(r, p) for r, p in enumerate(self.processes) if r != rank and p.exitcode is not None]
-            if replacement.exitcode is not None:
-                self.fail_stop(f"{cause}; its replacement (pid {replacement.pid}) "
-                               f"{describe_exit(replacement.exitcode)} before it joined")
-            if others:
-                r, p = others[0]
-                self.fail_stop(f"{cause}; TP rank {r} (pid {p.pid}) {describe_exit(p.exitcode)} while "
-                               "it was being replaced")
+        return replacement, reader, questions
+
+    def _await_join(self, spawned: dict, deadline: float, cause: str) -> list:
+        """Wait until every replacement in ``spawned`` reported ready. Returns the other ranks that
+        died meanwhile (then the caller starts again), or ``[]`` once all have joined."""
+        joined: set[int] = set()
+        while len(joined) < len(spawned):
+            time.sleep(POLL_SECONDS)
+            more = self._dead(among=set(range(len(self.processes))) - set(spawned))
+            if more:
+                return more
+            for rank, (process, reader, questions) in spawned.items():
+                if questions is not None and not questions.closed and questions.poll():
+                    self._answer(questions)
+                if rank in joined or not reader.poll():
+                    if rank not in joined and process.exitcode is not None and not reader.poll():
+                        self.fail_stop(f"{cause}; its replacement (pid {process.pid}) "
+                                       f"{describe_exit(process.exitcode)} before it joined")
+                    continue
+                try:
+                    reader.recv()
+                except EOFError:  # it closed the pipe: it is exiting without having joined
+                    process.join(timeout=30)
+                    self.fail_stop(f"{cause}; its replacement (pid {process.pid}) "
+                                   f"{describe_exit(process.exitcode)} before it joined")
+                joined.add(rank)
             if time.monotonic() > deadline:
                 self.fail_stop(f"{cause}; its replacement did not join within --ghost-rejoin-timeout-"
                                f"seconds={self.rejoin_timeout_s:g}")
-        try:
-            reader.recv()
-        except EOFError:  # it closed the pipe: it is exiting without having joined
-            replacement.join(timeout=30)
-            self.fail_stop(f"{cause}; its replacement (pid {replacement.pid}) "
-                           f"{describe_exit(replacement.exitcode)} before it joined")
-        reader.close()
-        if questions is not None:
-            questions.close()
-            self._in_event_loop(journal.redeliver)
-        self.replacing = False
-        self.restarts[rank] = self.restarts.get(rank, 0) + 1
-        log.warning("rank replaced", rank=rank, pid=replacement.pid, restarts=self.restarts[rank],
-                    seconds=round(time.monotonic() - started, 3))
+        for _, reader, questions in spawned.values():
+            reader.close()
+            if questions is not None:
+                questions.close()
+        return []
 
     def _answer(self, questions) -> None:
         """A question from rank 0's replacement (handover); a closed pipe is left to the wait loop."""
         try:
             question = questions.recv()
         except EOFError:
+            questions.close()
             return
         if question == "delivered":
             questions.send(self._in_event_loop(journal.delivered))
