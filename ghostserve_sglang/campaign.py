@@ -77,12 +77,14 @@ class KillTrial:
 
 
 def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", after_steps: int | None = None,
-                   mix=None, late: int = 0, moment: str = "now") -> KillTrial:
+                   mix=None, late: int = 0, moment: str = "now",
+                   second: tuple[int, float] | None = None) -> KillTrial:
     """One process-death trial: the mix once without a fault (the reference), then again while the
     scheduler processes of ``ranks`` end ``after_steps`` steps into it (0: during the first prefill):
     a signal (``KILL``, ``SEGV``, ``TERM``) sent to their pids from ``status``; or, for ``ERROR`` or a
     ``moment`` other than ``now``, the ``kill-rank`` drill. The last ``late`` requests of the mix are
-    sent only after the deaths."""
+    sent only after the deaths. ``second`` = (rank, seconds): that rank gets ``kill -9`` so long after
+    the first deaths, while they are being replaced."""
     rng = random.Random(seed)
     mix = request_mix(rng) if mix is None else mix
     after_steps = rng.randrange(0, 28) if after_steps is None else after_steps
@@ -101,6 +103,10 @@ def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", aft
             else:
                 os.kill(before[rank]["pid"], getattr(signal, f"SIG{how}"))
         futures += _generate_all(server, mix[len(mix) - late:], pool, first=len(mix) - late)
+        if second is not None:
+            time.sleep(second[1])
+            os.kill(before[second[0]]["pid"], signal.SIGKILL)
+            ranks = [*ranks, second[0]]
         outputs, errors = [], []
         for future in futures:
             try:
@@ -110,6 +116,11 @@ def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", aft
                 errors.append(repr(exc))
     lost_requests = sum(o is None or len(o) != len(r) for o, r in zip(outputs, reference))
     wrong = sum(a != b for o, r in zip(outputs, reference) if o is not None for a, b in zip(o, r))
+    for i, (o, r) in enumerate(zip(outputs, reference)):
+        if o is not None and o != r:
+            first = next(j for j, (a, b) in enumerate(zip(o, r)) if a != b)
+            errors.append(f"request {i} ({len(mix[i][0])} prompt tokens, {len(r)} new): differs from "
+                          f"output token {first} on")
     after = server.control("status")["ranks"]
     for rank in ranks:
         if after[rank]["restarts"] != before[rank]["restarts"] + 1:

@@ -195,3 +195,28 @@ def test_cpu_targets_are_declared_and_wrap_and_unwrap():
     assert isinstance(patches.CPU_TARGETS[0].owner()[0].__dict__["all_reduce"], wrapt.FunctionWrapper)
     patcher.uninstall()
     assert patches.CPU_TARGETS[0].owner()[0].__dict__["all_reduce"] is original
+
+
+def test_cpu_linear_gives_a_row_the_same_bits_whatever_the_batch():
+    """A float32 product of a few rows takes another code path than a larger one: a decode step's
+    token got other bits with 7 requests in the batch than with 8. Through SGLang's own linear method,
+    patched, every batch size gives each row the bits it gets in a batch of 40."""
+    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+
+    torch.manual_seed(0)
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(128, 192), requires_grad=False)  # a QKV shard's shape
+    x = torch.randn(40, 192)
+    method = UnquantizedLinearMethod()
+
+    def differing() -> list[int]:
+        full = method.apply(layer, x)
+        return [m for m in range(1, 40) if not torch.equal(method.apply(layer, x[:m]), full[:m])]
+
+    assert differing(), "this machine's float32 product no longer depends on the row count"
+    patcher = Patcher(patches.CPU_TARGETS)
+    patcher.install()
+    try:
+        assert differing() == []
+    finally:
+        patcher.uninstall()

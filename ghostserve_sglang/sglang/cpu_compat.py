@@ -12,6 +12,11 @@ depends on where the element falls in its chunk of the tensor, so on three or mo
 token's activations come out different in the last bits when the batch around it has another size, and
 two runs of the same concurrent requests can pick different greedy tokens. With two ranks the order
 cannot matter (a + b == b + a in floating point), so TP=2 keeps SGLang's own all-reduce.
+
+For the same reason every linear layer (and the LM head) computes at least ``LINEAR_MIN_ROWS`` rows on
+CPU (:func:`batch_invariant_linear`): a float32 matrix product with only a few rows takes another code
+path whose rounding differs, so a decode step of 7 requests gave a token other bits than the same step
+of 8, and a request that arrived a little later could change another request's greedy tokens.
 """
 
 from __future__ import annotations
@@ -62,6 +67,24 @@ def ordered_all_reduce(wrapped, instance, args, kwargs):
         total += other
     part.copy_(total)
     return part
+
+
+LINEAR_MIN_ROWS = 16  # from this many rows on, each row's result does not depend on the row count
+
+
+def batch_invariant_linear(wrapped, instance, args, kwargs):
+    """``UnquantizedLinearMethod.apply`` / ``UnquantizedEmbeddingMethod.apply`` on CPU: a batch of fewer
+    than ``LINEAR_MIN_ROWS`` rows is padded with zero rows, and only its own rows are returned."""
+    x = args[1] if len(args) > 1 else kwargs["x"]
+    rows = x.shape[0] if x.dim() == 2 else 0
+    if not x.is_cpu or not 0 < rows < LINEAR_MIN_ROWS:
+        return wrapped(*args, **kwargs)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, LINEAR_MIN_ROWS - rows))
+    if len(args) > 1:
+        args = (args[0], padded, *args[2:])
+    else:
+        kwargs = {**kwargs, "x": padded}
+    return wrapped(*args, **kwargs)[:rows]
 
 
 def needs_rotary_standin() -> bool:

@@ -131,6 +131,9 @@ def admit(reqs: list) -> list:
                 continue
             log.warning("request redelivered", rid=req.rid)
             req = pickle.loads(req.payload)
+        elif TAKEOVER.known is not None and set(request_ids(req)) & TAKEOVER.known:
+            log.warning("request received twice; the second is dropped", rids=request_ids(req))
+            continue
         if TAKEOVER.known is not None:
             TAKEOVER.known.update(request_ids(req))
         admitted.append(req)

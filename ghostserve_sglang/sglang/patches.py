@@ -72,6 +72,10 @@ TARGETS = (
 CPU_TARGETS = (
     Target("sglang.srt.distributed.parallel_state", "GroupCoordinator.all_reduce",
            cpu_compat.ordered_all_reduce),
+    Target("sglang.srt.layers.quantization.unquant", "UnquantizedLinearMethod.apply",
+           cpu_compat.batch_invariant_linear),
+    Target("sglang.srt.layers.quantization.unquant", "UnquantizedEmbeddingMethod.apply",
+           cpu_compat.batch_invariant_linear),
 )
 
 # In SGLang's main process, when the launcher protects the server: supervision of the scheduler processes
