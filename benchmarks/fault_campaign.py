@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import random
 import statistics
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghostserve_sglang import models  # noqa: E402
-from ghostserve_sglang.campaign import run_kill_trial, run_trial  # noqa: E402
+from ghostserve_sglang.campaign import LONG_PROMPT, request_mix, run_kill_trial, run_trial  # noqa: E402
 from ghostserve_sglang.local_server import launched  # noqa: E402
 
 
@@ -34,10 +35,12 @@ def main() -> None:
     parser.add_argument("--lose", type=int, default=1, help="ranks lost per fault")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--model", default="tiny-llama", choices=models.NAMES, help="a bundled model")
-    parser.add_argument("--kill-rank", type=int, default=None, help="process deaths instead of KV faults: "
-                        "this rank's scheduler process is killed (kill -9 or SIGSEGV) at a random step")
+    parser.add_argument("--process-kills", action="store_true", help="process deaths instead of KV faults: "
+                        "random ranks (up to m at once, rank 0 included), signal and moment")
+    parser.add_argument("--kv-fault-every", type=int, default=4,
+                        help="with --process-kills: every N-th trial is an in-place KV fault (0: none)")
     args = parser.parse_args()
-    if args.kill_rank is not None:
+    if args.process_kills:
         return kill_campaign(args)
     trials = []
     with campaign_server(args) as server:
@@ -72,38 +75,72 @@ def campaign_server(args):
     ghost = ["--ghost-code", args.code, "--ghost-parity-shards", str(args.parity_shards),
              "--ghost-enable-fault-injection", "1"]
     with tempfile.TemporaryDirectory() as logs, \
-            launched(args.tp, ghost, log_dir=logs, model=args.model) as server:
+            launched(args.tp, ghost, ["--chunked-prefill-size", "128"], log_dir=logs,
+                     model=args.model) as server:
         yield server
 
 
+MOMENTS = ("prefill", "chunked prefill", "decode", "output", "recovery")
+SIGNALS = ("KILL", "SEGV", "TERM")
+
+
 def kill_campaign(args) -> None:
-    trials = []
+    """Process deaths: each trial kills one or more scheduler processes (at most m at once; rank 0
+    included) with a random signal at a random moment; every ``--kv-fault-every``-th trial is an in-place
+    KV fault instead, on the same server."""
+    rng = random.Random(args.seed)
+    kills, kv = [], []
+    moments = MOMENTS if args.tp > 2 else MOMENTS[:-1]  # with two ranks a second death leaves no survivor
     with campaign_server(args) as server:
         for i in range(args.trials):
-            how = ("KILL", "SEGV")[i % 2]
-            trial = run_kill_trial(server, args.seed + i, ranks=[args.kill_rank], how=how)
-            trials.append(trial)
+            seed = args.seed + i
+            if args.kv_fault_every and i % args.kv_fault_every == args.kv_fault_every - 1:
+                trial = run_trial(server, seed, ranks=args.tp, lose=args.lose)
+                kv.append(trial)
+                print(f"trial {i + 1:3d}/{args.trials}: KV of {trial.lost_ranks} lost in place, "
+                      f"{trial.recovery.get('outcome')}; lost requests {trial.lost_requests}, wrong tokens "
+                      f"{trial.wrong_tokens}", flush=True)
+                continue
+            moment, how = rng.choice(moments), rng.choice(SIGNALS)
+            ranks = sorted(rng.sample(range(args.tp), 1 if moment == "recovery" else
+                                      rng.randint(1, args.parity_shards)))
+            second = None
+            if moment == "recovery":
+                second = (rng.choice([r for r in range(args.tp) if r not in ranks]), rng.uniform(1.0, 12.0))
+            after = {"prefill": rng.randrange(0, 3), "chunked prefill": rng.randrange(1, 5)}.get(
+                moment, rng.randrange(6, 28))
+            mix = request_mix(random.Random(seed), requests=7) + [LONG_PROMPT]
+            trial = run_kill_trial(server, seed, ranks=ranks, how=how, after_steps=after, mix=mix,
+                                   late=rng.choice((0, 1)), moment="output" if moment == "output" else "now",
+                                   second=second)
+            trial.moment = moment
+            kills.append(trial)
             restart = trial.restart
-            print(f"trial {i + 1:3d}/{args.trials}: {how} of rank {trial.ranks} after {trial.after_steps} "
-                  "steps "
-                  f"({trial.running_at_kill} requests running), {restart['outcome']}, "
+            print(f"trial {i + 1:3d}/{args.trials}: {trial.how} of rank(s) {trial.ranks} at {moment} "
+                  f"(step {after}, {trial.running_at_kill} requests running), {restart['outcome']}, "
                   f"{restart['slots_rebuilt']} slots rebuilt / {restart['slots_recomputed']} recomputed, "
                   f"restart {restart['seconds']:.2f} s; lost requests {trial.lost_requests}, "
                   f"wrong tokens {trial.wrong_tokens}, scrub mismatching {trial.scrub['mismatching']} "
-                  f"not durable {trial.scrub['not_durable']}", flush=True)
+                  f"not durable {trial.scrub['not_durable']} {'; '.join(trial.errors)}".rstrip(), flush=True)
     print(f"\ncommand: python benchmarks/fault_campaign.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"{args.model} (float32), TP={args.tp} {args.code} m={args.parity_shards}, process deaths of rank "
-          f"{args.kill_rank} (kill -9 and SIGSEGV alternating), {trials[0].requests} concurrent requests")
-    print(f"trials {len(trials)}, in prefill (step 0-2) {sum(t.after_steps < 3 for t in trials)}, "
-          f"requests {sum(t.requests for t in trials)}, "
-          f"lost requests {sum(t.lost_requests for t in trials)}, "
-          f"wrong tokens {sum(t.wrong_tokens for t in trials)}, scrub mismatches "
-          f"{sum(t.scrub['mismatching'] for t in trials)}")
-    names = list(dict.fromkeys(n for t in trials for n in t.restart["phases"]))
+    print(f"{args.model} (float32), TP={args.tp} {args.code} m={args.parity_shards}, "
+          f"{kills[0].requests} concurrent requests per trial (one still in chunked prefill at 128)")
+    count = collections.Counter
+    print(f"process-kill trials {len(kills)}: by moment {dict(count(t.moment for t in kills))}, by signal "
+          f"{dict(count(t.how.split('@')[0] for t in kills))}, by ranks killed "
+          f"{dict(count(len(t.ranks) for t in kills))}, with rank 0 {sum(0 in t.ranks for t in kills)}")
+    print(f"requests {sum(t.requests for t in kills)}, lost requests {sum(t.lost_requests for t in kills)}, "
+          f"wrong tokens {sum(t.wrong_tokens for t in kills)}, scrub mismatches "
+          f"{sum(t.scrub['mismatching'] for t in kills)}; outcomes "
+          f"{dict(count(t.restart['outcome'] for t in kills))}")
+    if kv:
+        print(f"in-place KV fault trials {len(kv)}: lost requests {sum(t.lost_requests for t in kv)}, "
+              f"wrong tokens {sum(t.wrong_tokens for t in kv)}")
+    names = list(dict.fromkeys(n for t in kills for n in t.restart["phases"]))
     print("restart phases p50 / p99 (s): " + ", ".join(
-        f"{n.removesuffix('_seconds')} {percentile([t.restart['phases'].get(n, 0) for t in trials], 50):.3f}"
-        f" / {percentile([t.restart['phases'].get(n, 0) for t in trials], 99):.3f}" for n in names))
-    seconds = [t.restart["seconds"] for t in trials]
+        f"{n.removesuffix('_seconds')} {percentile([t.restart['phases'].get(n, 0) for t in kills], 50):.3f}"
+        f" / {percentile([t.restart['phases'].get(n, 0) for t in kills], 99):.3f}" for n in names))
+    seconds = [t.restart["seconds"] for t in kills]
     print(f"restart total p50 {percentile(seconds, 50):.2f} s, p99 {percentile(seconds, 99):.2f} s")
 
 

@@ -13,6 +13,8 @@ import time
 
 from .local_server import Server
 
+LONG_PROMPT = ([11] * 40 + [(7 * i) % 997 + 3 for i in range(560)], 16)  # 5 chunks at a chunk size of 128
+
 
 def request_mix(rng: random.Random, requests: int = 8) -> list[tuple[list[int], int]]:
     """Prompts of mixed lengths, some sharing prefixes; 32-64 new tokens each."""
@@ -70,6 +72,7 @@ class KillTrial:
     restart: dict
     scrub: dict
     errors: list = dataclasses.field(default_factory=list)
+    moment: str = ""
 
     @property
     def ok(self) -> bool:

@@ -13,12 +13,11 @@ import urllib.request
 
 import pytest
 
-from ghostserve_sglang.campaign import request_mix, run_kill_trial
+from ghostserve_sglang.campaign import LONG_PROMPT, request_mix, run_kill_trial
 from ghostserve_sglang.local_server import launched
 
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1",
          "--ghost-rejoin-timeout-seconds", "240"]
-LONG_PROMPT = ([11] * 40 + [(7 * i) % 997 + 3 for i in range(560)], 16)  # still in chunked prefill at 128
 
 
 @pytest.fixture(scope="module")
