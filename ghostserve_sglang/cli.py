@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="the signal the process gets; ERROR: its next forward raises instead")
     kill.add_argument("--at", default="now", choices=MOMENTS,
                       help="now; output: just before its next output to the detokenizer (which is lost); "
-                           "finish: just before its next output that finishes a request")
+                           "finish: just before its next output that finishes a request; pulled (rank 0): "
+                           "right after it pulled requests, before any other rank has them")
     kill.add_argument("--fail-replacement", action="store_true",
                       help="the replacement started for it fails at start-up (drills the fail stop)")
     for command in sub.choices.values():  # also after the command: `ghostserve status --json`

@@ -60,7 +60,8 @@ def test_a_replacement_that_cannot_join_fails_stop_cleanly(how, tmp_path):
                 os.kill(pids[1], signal.SIGKILL)
             else:
                 reply = server.control("kill-rank", rank=1, signal="KILL", fail_replacement=True)
-                assert reply == {"rank": 1, "pid": pids[1], "signal": "KILL", "fail_replacement": True}
+                assert reply == {"rank": 1, "pid": pids[1], "signal": "KILL", "at": "now",
+                                 "fail_replacement": True}
             outcomes = [outcome(f) for f in futures]
         server.process.wait(timeout=90)
         stopped_after = time.monotonic() - killed_at

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -74,6 +75,38 @@ def test_a_dead_rank_is_replaced_and_every_request_finishes_unchanged(server, ho
     assert trial.scrub["matching"] == trial.scrub["live_slots"] > 0
 
 
+@pytest.mark.parametrize("how, moment, seed, after_steps, late, handed_over", [
+    ("KILL", "now", 21, 12, 2, None),  # kill -9 mid-decode, two requests sent while rank 0 is gone
+    ("KILL", "output", 22, 12, 0, "rewound"),  # an output the survivor counted as sent is lost
+    ("SEGV", "finish", 23, 3, 0, "finished_resent"),  # a request's final output is lost
+    ("KILL", "pulled", 24, 12, 2, "request redelivered"),  # requests rank 0 pulled and never broadcast
+    ("TERM", "now", 25, 20, 1, None),
+])
+def test_rank_0_dies_and_every_request_finishes_unchanged(server, how, moment, seed, after_steps, late,
+                                                          handed_over):
+    """Rank 0 also owns the request channel, the outputs and the control socket: its replacement takes
+    the state from rank 1, sends what the clients did not get, and the main process redelivers what
+    rank 0 never broadcast (every other request is streamed, and a stream shows a missing output)."""
+    before = status_json(server)["ranks"]
+    log_before = len(server.log())
+    mix = request_mix(random.Random(seed), requests=7) + [LONG_PROMPT]
+    trial = run_kill_trial(server, seed, ranks=[0], how=how, after_steps=after_steps, mix=mix, late=late,
+                           moment=moment)
+    assert trial.running_at_kill >= 4, trial
+    assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
+    after = status_json(server)["ranks"]  # the control socket is bound again by the new rank 0
+    assert after[0]["pid"] != before[0]["pid"] and after[0]["restarts"] == before[0]["restarts"] + 1
+    assert after[1]["pid"] == before[1]["pid"]
+    assert trial.scrub["mismatching"] == 0 and trial.scrub["not_durable"] == 0, trial.scrub
+    log = server.log()[log_before:]
+    assert "rank 0 taken over" in log and "pending requests sent again to the replacement rank 0" in log
+    if handed_over == "request redelivered":
+        assert "request redelivered" in log
+    elif handed_over is not None:
+        counts = re.search(r"rank 0 taken over .*", log).group(0)
+        assert re.search(rf"{handed_over}=[1-9]", counts), counts
+
+
 def test_random_kills_lose_no_request_and_change_no_token(server):
     rng = random.Random(12)
     trials = [run_kill_trial(server, 100 + i, ranks=[1], how="KILL", after_steps=rng.randrange(0, 28))
@@ -88,4 +121,6 @@ def test_the_cli_drill_needs_fault_injection_and_names_bad_values(server):
     usage = subprocess.run([sys.executable, "-m", "ghostserve_sglang.cli", "kill-rank", "--rank", "1",
                             "--signal", "HUP"], capture_output=True, text=True)
     assert usage.returncode == 2 and "invalid choice: 'HUP'" in usage.stderr
+    pulled = server.ghostserve("kill-rank", "--rank", "1", "--at", "pulled")
+    assert pulled.returncode == 2 and "at='pulled' is for rank 0 only" in pulled.stderr
     assert not [n for n in os.listdir("/dev/shm") if "drill-fail-replacement" in n]

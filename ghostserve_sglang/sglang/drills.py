@@ -12,10 +12,12 @@ from ..store.segment import SHM_DIR
 
 SIGNALS = ("KILL", "TERM", "SEGV")
 HOWS = (*SIGNALS, "ERROR")  # ERROR: the rank's next forward raises, and SGLang ends the process
-MOMENTS = ("now", "output", "finish")  # when: at once, before its next output, before a finishing one
+# When: at once; before its next output; before its next output that finishes a request; (rank 0) right
+# after it pulled requests from the tokenizer, before it broadcast them to the other ranks.
+MOMENTS = ("now", "output", "finish", "pulled")
 KILL_DELAY_SECONDS = 0.2  # the reply leaves rank 0 before the target goes
 FORWARD_ERROR = threading.Event()  # set on the target rank: its next forward raises
-AT_OUTPUT: dict = {}  # on the target rank, for a moment other than "now": {"moment": ..., "how": ...}
+AT_MOMENT: dict = {}  # on the target rank, for a moment other than "now": {"moment": ..., "how": ...}
 
 
 class DrillError(RuntimeError):
@@ -28,20 +30,23 @@ def kill_rank(protector, rank: int, how: str, fail_replacement: bool = False,
     timer thread, so the signal lands wherever its scheduler happens to be (prefill, decode, idle), or,
     for ``ERROR``, its next forward raises. With ``moment`` ``output`` (``finish``) it ends instead just
     before it sends its next output (one that finishes a request) to the detokenizer, so that output is
-    lost. With ``fail_replacement`` the rank started in its place fails at start-up, as one whose device
-    is gone would."""
+    lost; with ``pulled``, rank 0 ends right after it pulled new requests, which no other rank has.
+    With ``fail_replacement`` the rank started in its place fails at start-up, as one whose device is
+    gone would."""
     if not (isinstance(rank, int) and 0 <= rank < protector.ranks):
         return {"error": f"rank={rank!r} is not allowed; give a rank in 0..{protector.ranks - 1}"}
     if how not in HOWS:
         return {"error": f"signal={how!r} is not allowed; allowed: {', '.join(HOWS)}"}
     if moment not in MOMENTS:
         return {"error": f"at={moment!r} is not allowed; allowed: {', '.join(MOMENTS)}"}
+    if moment == "pulled" and rank != 0:
+        return {"error": f"at='pulled' is for rank 0 only (it alone pulls requests); got rank={rank}"}
     pids = protector.call(lambda: protector.gather_objects(os.getpid()))
     if protector.rank == rank:
         if fail_replacement:
             open(_fail_marker(protector.instance_id, rank), "w").close()
         if moment != "now":
-            AT_OUTPUT.update(moment=moment, how=how)
+            AT_MOMENT.update(moment=moment, how=how)
         elif how == "ERROR":
             FORWARD_ERROR.set()
         else:
@@ -53,14 +58,24 @@ def kill_rank(protector, rank: int, how: str, fail_replacement: bool = False,
 
 def before_output(rank: int, reqs) -> None:
     """On the target of a ``kill-rank --at output|finish`` drill: end here if this output qualifies."""
-    if not AT_OUTPUT:
+    if AT_MOMENT.get("moment") not in ("output", "finish"):
         return
-    finish = AT_OUTPUT["moment"] == "finish"
-    if not any((r.finished() or (r.stream and not finish)) and not r.finished_output for r in reqs):
-        return
-    how = AT_OUTPUT.pop("how")
+    finish = AT_MOMENT["moment"] == "finish"
+    if any((r.finished() or (r.stream and not finish)) and not r.finished_output for r in reqs):
+        _end(rank, "output")
+
+
+def after_pull(rank: int, reqs) -> None:
+    """On rank 0 under a ``kill-rank --at pulled`` drill: end here if it pulled a generate request."""
+    if AT_MOMENT.get("moment") == "pulled" and any(hasattr(r, "input_ids") for r in reqs):
+        _end(rank, "pull")
+
+
+def _end(rank: int, where: str) -> None:
+    how = AT_MOMENT.pop("how")
+    AT_MOMENT.clear()
     if how == "ERROR":
-        raise DrillError(f"ghostserve drill: TP rank {rank}'s output raised (kill-rank --signal ERROR)")
+        raise DrillError(f"ghostserve drill: TP rank {rank}'s {where} raised (kill-rank --signal ERROR)")
     os.kill(os.getpid(), getattr(signal, f"SIG{how}"))
 
 

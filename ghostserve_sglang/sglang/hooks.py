@@ -86,6 +86,8 @@ def pull_raw_reqs(wrapped, instance, args, kwargs):
     reqs = wrapped(*args, **kwargs)
     protector = STATE.protector
     if reqs is not None and protector is not None and protector.control is not None:
+        if protector.settings.enable_fault_injection:
+            drills.after_pull(protector.rank, reqs)
         reqs = handover.admit(reqs)
         reqs.extend(protector.control.take())
     return reqs

@@ -17,6 +17,7 @@ stopped, and one log line says why. Deaths of other processes (the detokenizer) 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -153,6 +154,7 @@ class Supervisor:
             ranks = sorted({*ranks, *(r for r, _ in more)})
         if 0 in ranks:
             self._in_event_loop(journal.redeliver)
+        membership.remove(self.instance_id)  # every rank has read it; the next death writes a new one
         self.replacing = False
         for rank in ranks:
             self.restarts[rank] = self.restarts.get(rank, 0) + 1
@@ -177,7 +179,10 @@ class Supervisor:
         writer.close()
         if their_end is not None:
             their_end.close()
-        self.processes[rank] = replacement
+        dead, self.processes[rank] = self.processes[rank], replacement
+        dead.join(timeout=10)
+        with contextlib.suppress(ValueError):  # still running: left to the garbage collector
+            dead.close()  # its sentinel descriptor
         log.warning("replacing rank", rank=rank, pid=replacement.pid, generation=self.generation, port=port)
         return replacement, reader, questions
 

@@ -1,0 +1,89 @@
+"""Several rank processes die on a real TP=3 server (CPU, the KV-sensitive GQA model): with
+``--ghost-code rs --ghost-parity-shards 2`` up to two at once, or one while another is being replaced,
+are replaced and their KV rebuilt from parity; every request finishes with the output ids of a run
+without the fault. With more deaths than parity covers the lost KV is recomputed; with no survivor left
+the server fails stop (docs/rank-restart.md, "Several ranks")."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import signal
+import time
+import urllib.error
+
+import pytest
+
+from ghostserve_sglang.campaign import LONG_PROMPT, request_mix, run_kill_trial
+from ghostserve_sglang.local_server import launched
+
+FLAGS = ["--chunked-prefill-size", "128"]
+
+
+def ghost(code: str, shards: int) -> list[str]:
+    return ["--ghost-code", code, "--ghost-parity-shards", str(shards), "--ghost-enable-fault-injection", "1",
+            "--ghost-rejoin-timeout-seconds", "240"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with launched(3, ghost("rs", 2), FLAGS, log_dir=str(tmp_path_factory.mktemp("rs")),
+                  model="tiny-llama-gqa") as server:
+        yield server
+
+
+@pytest.mark.parametrize("ranks, how, seed, after_steps, second", [
+    ([0, 2], "KILL", 31, 12, None),  # two at once mid-decode, rank 0 among them
+    ([1, 2], "SEGV", 32, 2, None),  # two at once during prefill
+    ([1], "KILL", 33, 10, (0, 3.0)),  # rank 0 dies while rank 1 is being replaced
+])
+def test_up_to_m_dead_ranks_are_replaced_and_rebuilt(server, ranks, how, seed, after_steps, second):
+    before = server.control("status")["ranks"]
+    log_before = len(server.log())
+    mix = request_mix(random.Random(seed), requests=7) + [LONG_PROMPT]
+    trial = run_kill_trial(server, seed, ranks=ranks, how=how, after_steps=after_steps, mix=mix, late=1,
+                           second=second)
+    assert trial.running_at_kill >= 4, trial
+    assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
+    dead = sorted(trial.ranks)
+    assert trial.restart["lost_ranks"] == dead and trial.restart["slots_rebuilt"] > 0, trial.restart
+    assert trial.scrub["mismatching"] == 0 and trial.scrub["not_durable"] == 0, trial.scrub
+    after = server.control("status")["ranks"]
+    for rank in range(3):
+        replaced = rank in dead
+        assert (after[rank]["pid"] != before[rank]["pid"]) == replaced
+        assert after[rank]["restarts"] == before[rank]["restarts"] + replaced
+    if second is not None:
+        assert "another rank lost during the replacement" in server.log()[log_before:]
+
+
+def test_with_no_survivor_the_server_fails_stop_with_an_error_for_every_request(server):
+    pids = [r["pid"] for r in server.control("status")["ranks"]]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(server.generate, [5] * 50, 1500) for _ in range(4)]
+        start = server.control("status")["ranks"][0]["step"]
+        while server.control("status")["ranks"][0]["step"] < start + 5:
+            time.sleep(0.01)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        errors = []
+        for future in futures:
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                future.result(timeout=120)
+            errors.append((failed.value.code, failed.value.read().decode()))
+    assert server.process.wait(timeout=120) == 1
+    assert all(code == 503 and "no rank survives to take the scheduler state from" in body
+               for code, body in errors), errors
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"ghostserve-{server.port}")]
+
+
+def test_more_deaths_than_parity_covers_are_recomputed_never_wrong(tmp_path):
+    """xor covers one lost rank: a second death during the replacement leaves the lost KV to be
+    recomputed from the tokens, and the outputs are still those of a run without the fault."""
+    with launched(3, ghost("xor", 1), FLAGS, log_dir=str(tmp_path), model="tiny-llama-gqa") as server:
+        mix = request_mix(random.Random(34), requests=7) + [LONG_PROMPT]
+        trial = run_kill_trial(server, 34, ranks=[2], how="KILL", after_steps=10, mix=mix, second=(1, 3.0))
+    assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
+    assert trial.restart["lost_ranks"] == [1, 2] and trial.restart["outcome"] == "recomputed", trial.restart
+    assert trial.restart["slots_rebuilt"] == 0 and trial.restart["slots_recomputed"] > 0
