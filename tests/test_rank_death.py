@@ -81,3 +81,30 @@ def test_a_replacement_that_cannot_join_fails_stop_cleanly(how, tmp_path):
     replacement = int(re.search(r"replacing rank .*pid=(\d+)", log).group(1))
     assert not any(alive(pid) for pid in [*pids, replacement])
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"ghostserve-{server.port}")]
+
+
+def _hold_a_semaphore(names) -> None:
+    import multiprocessing
+
+    lock = multiprocessing.get_context("spawn").Lock()
+    names.put(lock._semlock.name)
+    time.sleep(300)
+
+
+def test_a_killed_process_semaphore_is_removed_and_a_live_one_kept():
+    """A killed scheduler leaves its multiprocessing semaphores in /dev/shm (Python removes them only
+    when the server stops); after a replacement the supervisor removes those no process has mapped."""
+    import multiprocessing
+
+    from ghostserve_sglang.sglang.supervisor import remove_orphaned_semaphores
+
+    since = time.time() - 1
+    context = multiprocessing.get_context("spawn")
+    names = context.Queue()  # its own semaphores stay mapped here
+    child = context.Process(target=_hold_a_semaphore, args=(names,))
+    child.start()
+    path = "/dev/shm/sem." + names.get(timeout=120).lstrip("/")
+    assert remove_orphaned_semaphores(since) == [] and os.path.exists(path)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert remove_orphaned_semaphores(since) == [os.path.basename(path)] and not os.path.exists(path)

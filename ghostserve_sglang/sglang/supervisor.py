@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import glob
 import multiprocessing
 import os
 import signal
@@ -57,6 +58,7 @@ class Supervisor:
         self.instance_id = ""
         self.rejoin_timeout_s = 0.0  # 0: no replacement, a death fails stop
         self.generation = 0
+        self.started_at = 0.0  # when the scheduler processes were adopted (wall clock)
         self.restarts: dict[int, int] = {}
         self.deaths = 0
         self.replacing = False  # a replacement has been started and has not joined yet
@@ -74,6 +76,7 @@ class Supervisor:
     def adopt(self, processes: list) -> None:
         """The scheduler processes, in TP rank order, right after SGLang started them."""
         self.processes = list(processes)
+        self.started_at = time.time()
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="ghostserve-supervisor", daemon=True)
             self._thread.start()
@@ -155,12 +158,13 @@ class Supervisor:
         if 0 in ranks:
             self._in_event_loop(journal.redeliver)
         membership.remove(self.instance_id)  # every rank has read it; the next death writes a new one
+        removed = remove_orphaned_semaphores(self.started_at)
         self.replacing = False
         for rank in ranks:
             self.restarts[rank] = self.restarts.get(rank, 0) + 1
             log.warning("rank replaced", rank=rank, pid=self.processes[rank].pid,
                         restarts=self.restarts[rank], generation=self.generation,
-                        seconds=round(time.monotonic() - started, 3))
+                        seconds=round(time.monotonic() - started, 3), semaphores_removed=len(removed))
 
     def _spawn(self, rank: int, port: int) -> tuple:
         """A replacement process for ``rank``, started; with its ready pipe (and rank 0's question
@@ -299,6 +303,29 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def remove_orphaned_semaphores(since: float, directory: str = "/dev/shm") -> list[str]:
+    """Remove the named semaphores Python's multiprocessing made (``sem.mp-*``) since ``since`` that no
+    process has mapped any more: a killed scheduler leaves its own, and Python's resource tracker removes
+    them only when the server stops. Every process that can use a semaphore has it mapped (glibc maps
+    it under the name of the temporary file it was created as, so it is matched by inode)."""
+    device = os.stat(directory).st_dev
+    mapped: set[int] = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        with contextlib.suppress(OSError), open(maps) as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith(directory + "/"):
+                    mapped.add(int(fields[4]))
+    removed = []
+    for path in glob.glob(os.path.join(directory, "sem.mp-*")):
+        with contextlib.suppress(FileNotFoundError):
+            stat = os.stat(path)
+            if stat.st_dev == device and stat.st_ino not in mapped and stat.st_mtime >= since:
+                os.unlink(path)
+                removed.append(os.path.basename(path))
+    return removed
 
 
 def run_replacement(environment: dict, target, args: tuple, questions=None) -> None:
