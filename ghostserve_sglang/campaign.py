@@ -121,9 +121,9 @@ def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", aft
     wrong = sum(a != b for o, r in zip(outputs, reference) if o is not None for a, b in zip(o, r))
     for i, (o, r) in enumerate(zip(outputs, reference)):
         if o is not None and o != r:
-            first = next(j for j, (a, b) in enumerate(zip(o, r)) if a != b)
-            errors.append(f"request {i} ({len(mix[i][0])} prompt tokens, {len(r)} new): differs from "
-                          f"output token {first} on")
+            first = next((j for j, (a, b) in enumerate(zip(o, r)) if a != b), min(len(o), len(r)))
+            errors.append(f"request {i} ({len(mix[i][0])} prompt tokens, {len(r)} new, {len(o)} received): "
+                          f"differs from output token {first} on")
     after = server.control("status")["ranks"]
     for rank in ranks:
         if after[rank]["restarts"] != before[rank]["restarts"] + 1:

@@ -152,6 +152,7 @@ def _transfer(scheduler, protector, lost: list[int], phase: str | None, batch, p
         if interrupted is not None:  # SGLang's loop makes its own (now stale) batch the last one
             _stand_in(scheduler, interrupted, scheduler.last_batch if phase == "ingest" else batch)
             batch = interrupted if phase == "run_batch" else batch
+    snapshot.clear_free_rows(scheduler)
     phases["state_transfer_seconds"] = time.monotonic() - started
     _settle(scheduler, protector, lost, phase, batch, phases, len(data))
     if loads and phase == "run_batch":

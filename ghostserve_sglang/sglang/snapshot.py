@@ -112,6 +112,17 @@ def _rows_in_use(pool) -> torch.Tensor:
     return used.nonzero().flatten()
 
 
+def clear_free_rows(scheduler) -> None:
+    """Every rank, after a transfer: zero the request rows not in use. Only the rows in use travel, so
+    a replacement's free rows are zeros while a survivor's hold what earlier requests left there; a row
+    taken again keeps that tail beyond its request's tokens (never read, but digested), so all ranks
+    start from the same zeros."""
+    pool = scheduler.req_to_token_pool
+    free = torch.ones(pool.req_to_token.shape[0], dtype=torch.bool)
+    free[_rows_in_use(pool)] = False
+    pool.req_to_token[free.to(pool.req_to_token.device)] = 0
+
+
 def take(scheduler, extra: dict) -> bytes:
     """The survivor's state, pickled; ``extra`` travels with it (GhostServe's own step, the phase)."""
     pool, allocator = scheduler.req_to_token_pool, scheduler.token_to_kv_pool_allocator
