@@ -102,7 +102,8 @@ def kill_campaign(args) -> None:
                       f"{trial.wrong_tokens}", flush=True)
                 continue
             moment, how = rng.choice(moments), rng.choice(SIGNALS)
-            ranks = sorted(rng.sample(range(args.tp), 1 if moment == "recovery" else
+            # One rank for "output": a drill arms one rank through rank 0, which a first death can stop.
+            ranks = sorted(rng.sample(range(args.tp), 1 if moment in ("recovery", "output") else
                                       rng.randint(1, args.parity_shards)))
             second = None
             if moment == "recovery":
