@@ -143,11 +143,15 @@ def admit(reqs: list) -> list:
     return admitted
 
 
+def requests(obj) -> list:
+    """The tokenized requests one message to the scheduler carries: a batch's items, or itself."""
+    items = getattr(obj, "batch", None)
+    return items if isinstance(items, list) else [obj]
+
+
 def request_ids(obj) -> list[str]:
     """The request ids a tokenized request (or a batch of them) carries."""
-    items = getattr(obj, "batch", None)
-    return [i.rid for i in items] if isinstance(items, list) else [obj.rid] if isinstance(
-        getattr(obj, "rid", None), str) else []
+    return [item.rid for item in requests(obj) if isinstance(getattr(item, "rid", None), str)]
 
 
 def ask_main_process(question: str) -> object:

@@ -14,7 +14,7 @@ import pickle
 
 import structlog
 
-from .handover import Redelivered, RedeliveryDone
+from .handover import Redelivered, RedeliveryDone, requests
 
 log = structlog.get_logger("ghostserve.journal")
 
@@ -28,7 +28,7 @@ def _journaled_types() -> tuple[type, ...]:
 
 
 def record(manager, obj) -> None:
-    for item in getattr(obj, "batch", None) or [obj]:
+    for item in requests(obj):
         if isinstance(item, _journaled_types()):
             SENT[item.rid] = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
     if len(SENT) > 2 * len(manager.rid_to_state) + 64:  # forget the answered ones, now and then

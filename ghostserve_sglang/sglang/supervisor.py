@@ -101,9 +101,9 @@ class Supervisor:
                     return
                 self._on_death(self._dead())  # deaths within the shutdown check's wait count as one
 
-    def _dead(self, among=None) -> list[tuple[int, object]]:
+    def _dead(self, excluding=()) -> list[tuple[int, object]]:
         return [(r, p) for r, p in enumerate(self.processes)
-                if p.exitcode is not None and (among is None or r in among)]
+                if p.exitcode is not None and r not in excluding]
 
     def _shutting_down(self, process) -> bool:
         """Whether the server is being stopped: SGLang's SIGTERM handler ran in this process, or a TERM
@@ -152,7 +152,7 @@ class Supervisor:
                 for pipe in filter(None, pipes):
                     pipe.close()
             time.sleep(2 * POLL_SECONDS)  # deaths close together are replaced together
-            more = self._dead(among=set(range(len(self.processes))) - set(ranks))
+            more = self._dead(excluding=set(ranks))
             cause = f"{cause}; then {self._describe(more)} while it was being replaced"
             ranks = sorted({*ranks, *(r for r, _ in more)})
         if 0 in ranks:
@@ -196,7 +196,7 @@ class Supervisor:
         joined: set[int] = set()
         while len(joined) < len(spawned):
             time.sleep(POLL_SECONDS)
-            more = self._dead(among=set(range(len(self.processes))) - set(spawned))
+            more = self._dead(excluding=set(spawned))
             if more:
                 return more
             for rank, (process, reader, questions) in spawned.items():
