@@ -173,14 +173,13 @@ def test_full_ring_drops_protection_when_asked_and_counts_it(instance):
 
 def test_full_ring_blocks_the_producer_by_default_until_the_drain_catches_up(instance):
     segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
-    drain = ParityDrain(segment, stall_timeout_s=0.01).start()
-    drain.pause()
+    drain = ParityDrain(segment, stall_timeout_s=0.01)  # its thread starts late: a drain behind
     slots = torch.arange(20)
     producer = threading.Thread(target=drain.submit, args=(1, slots, rows(1, slots)))
     producer.start()
     producer.join(0.3)
     assert producer.is_alive()  # blocked on the full ring, nothing dropped
-    drain.resume()
+    drain.start()
     producer.join(10)
     drain.stop()
     counters = drain.counters()
@@ -240,4 +239,67 @@ def test_a_million_slot_writes_keep_segment_size_and_memory_flat(instance):
     assert counters.records_drained == 1_000_000
     assert os.stat(segment.path).st_size == size
     assert rss_bytes() - rss_warm < 16 << 20
+    segment.close(unlink=True)
+
+
+def test_a_slot_freed_and_rewritten_while_its_old_record_is_staged_keeps_the_newest_parity(instance):
+    # Freed pages are reused first: slot 5 is written (step 1), freed, and written again (step 2) while
+    # step 1's record still waits in the ring. The freeing must not drop step 2's record.
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=64)
+    drain = ParityDrain(segment).start()
+    drain.pause()
+    slot = torch.tensor([5])
+    drain.submit(1, slot, rows(1, slot))
+    drain.invalidate(slot)
+    drain.submit(2, slot, rows(2, slot))
+    drain.resume()
+    assert drain.flush(5)
+    result = segment.read(slot)
+    assert result.usable.tolist() == [True] and result.steps.tolist() == [2]
+    assert torch.equal(result.parity, rows(2, slot))
+    drain.stop()
+    segment.close(unlink=True)
+
+
+@pytest.mark.parametrize("on_full", ["block", "drop"])
+def test_a_paused_drain_never_blocks_the_producer_it_drops_and_counts(instance, on_full):
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
+    drain = ParityDrain(segment, stall_timeout_s=0.05, on_full=on_full).start()
+    drain.pause()
+    slots = torch.arange(1, 21)
+    drain.submit(1, slots, rows(1, slots))  # returns: 8 staged, 12 dropped
+    counters = drain.counters()
+    assert (counters.stalls, counters.drops, counters.dropped_records) == (1, 1, 12)
+    drain.resume()
+    drain.submit(2, slots[:4], rows(2, slots[:4]))  # a running drain protects again
+    assert drain.flush(5)
+    assert segment.read(slots).usable.tolist() == [True] * 8 + [False] * 12
+    drain.stop()
+    segment.close(unlink=True)
+
+
+def test_a_producer_waiting_on_a_full_ring_is_released_by_stop(instance):
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
+    drain = ParityDrain(segment, stall_timeout_s=0.01)  # its thread never starts
+    slots = torch.arange(1, 21)
+    producer = threading.Thread(target=drain.submit, args=(1, slots, rows(1, slots)))
+    producer.start()
+    producer.join(0.3)
+    assert producer.is_alive()
+    drain.stop(flush=False)
+    producer.join(5)
+    assert not producer.is_alive() and drain.counters().dropped_records == 12
+    segment.close(unlink=True)
+
+
+def test_a_failed_drain_thread_is_reported_to_the_producer_in_one_line(instance):
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
+    segment.write_records = None  # the drain thread's first write raises TypeError
+    drain = ParityDrain(segment, stall_timeout_s=0.01).start()
+    slots = torch.arange(1, 21)
+    with pytest.raises(StoreError, match="drain thread failed") as failure:
+        drain.submit(1, slots, rows(1, slots))
+    assert "\n" not in str(failure.value)
+    with pytest.raises(StoreError, match="drain thread failed"):
+        drain.flush(5)
     segment.close(unlink=True)

@@ -5,8 +5,9 @@ The producer (the step loop) calls ``submit(step, slots, parity)`` once per step
 rows into the segment's staging ring (asynchronously, from a GPU) and returns. A thread writes ring
 entries into the table and, when every entry of a step is in, moves the watermark to that step.
 When the ring is full the producer waits up to ``stall_timeout_s``; then ``on_full="block"`` keeps
-waiting and ``on_full="drop"`` gives up protection of the rest of that step (its slots are
-invalidated). Both outcomes are counted.
+waiting for the drain and ``on_full="drop"`` gives up protection of the rest of that step (its slots
+are invalidated). A paused or stopping drain frees nothing, so a full ring then drops under either
+setting. Both outcomes are counted; a producer never waits on a drain thread that has failed.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class ParityDrain:
         self._paused = False
         self._writing = False
         self._stopping = False
+        self._failure: BaseException | None = None
         self._counters = DrainCounters()
         self._thread = threading.Thread(target=self._run, name="ghostserve-drain", daemon=True)
 
@@ -134,8 +136,13 @@ class ParityDrain:
             self._copies.append((self._head, self._head + len(dst), event))
 
     def _wait_for_space(self) -> int:
+        """Free ring entries, waiting for the drain when there are none. Gives up (0: the caller drops)
+        after the stall timeout with ``on_full="drop"``, and also with ``"block"`` while the drain is
+        paused or stopping: only a drain that runs frees entries, and a wait on one that does not
+        would stop the scheduler and every control request behind it."""
         cap = self.segment.ring_entries
         with self._cv:
+            self._raise_if_failed()
             if self._head - self._tail < cap:
                 return cap - (self._head - self._tail)
             started = time.monotonic()
@@ -143,11 +150,17 @@ class ParityDrain:
             deadline = started + self.stall_timeout_s
             while self._head - self._tail >= cap:
                 remaining = deadline - time.monotonic()
-                if self.on_full == "drop" and remaining <= 0:
+                gives_up = self.on_full == "drop" or self._paused or self._stopping
+                if gives_up and remaining <= 0:
                     break
-                self._cv.wait(remaining if self.on_full == "drop" else 0.1)
+                self._cv.wait(max(0.0, remaining) if gives_up else 0.1)
+                self._raise_if_failed()
             self._counters.stall_seconds += time.monotonic() - started
             return cap - (self._head - self._tail)
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise StoreError(f"the drain thread failed, parity is no longer stored: {self._failure!r}")
 
     def _drop(self, slots: torch.Tensor) -> None:
         self._counters.drops += 1
@@ -157,7 +170,10 @@ class ParityDrain:
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything submitted is durable; False if ``timeout_s`` passed first."""
         with self._cv:
-            return self._cv.wait_for(lambda: self.segment.watermark >= self._last_step, timeout_s)
+            done = self._cv.wait_for(
+                lambda: self.segment.watermark >= self._last_step or self._failure is not None, timeout_s)
+            self._raise_if_failed()
+            return done
 
     def discard_pending(self) -> int:
         """Forget every staged record not yet in the table, as when the device that produced them
@@ -195,7 +211,8 @@ class ParityDrain:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join()
+        if self._thread.ident is not None:  # started
+            self._thread.join()
 
     def latencies(self) -> list[float]:
         """Checkpoint latency (captured -> durable, seconds) of the most recent steps, oldest first."""
@@ -212,6 +229,15 @@ class ParityDrain:
 
     # -- drain thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._drain_batches()
+        except Exception as exc:  # reported to the producer by its next submit or flush
+            with self._cv:
+                self._failure = exc
+                self._writing = False
+                self._cv.notify_all()
+
+    def _drain_batches(self) -> None:
         cap = self.segment.ring_entries
         while True:
             with self._cv:
@@ -219,7 +245,7 @@ class ParityDrain:
                 if self._stopping:
                     return
                 start = self._tail
-                count = min(self._head - start, self._batch, cap - start % cap)
+                count = min(self._head - start, self._batch, cap - start % cap, self._next_cut(start))
                 self._writing = True
             self._wait_copies(start + count)
             started = time.monotonic()
@@ -257,6 +283,12 @@ class ParityDrain:
         for lo, hi in zip([0, *cuts], [*cuts, count]):
             rows = slice(index + lo, index + hi)
             self.segment.write_records(int(steps[lo]), meta[lo:hi, 1].clone(), self.segment.ring[rows])
+
+    def _next_cut(self, start: int) -> int:
+        """Entries from ``start`` up to the first invalidation staged after it: a batch ends there, so a
+        slot freed and written again is invalidated between its old record and its new one."""
+        later = [position - start for position, _ in self._invalidations if position > start]
+        return min(later, default=self.segment.ring_entries)
 
     def _apply_invalidations(self) -> None:
         while self._invalidations and self._invalidations[0][0] <= self._tail:
