@@ -31,7 +31,8 @@ class Metrics:
             ("ghostserve_steps_captured_total", "Forward steps whose KV writes were captured."),
             ("ghostserve_parity_produced_bytes_total", "Parity bytes encoded and handed to the drain."),
             ("ghostserve_parity_drained_bytes_total", "Parity bytes made durable in the host store."),
-            ("ghostserve_backpressure_stalls_total", "Times a step waited for room in the staging ring."),
+            ("ghostserve_backpressure_stalls_total", "Times a step waited for room in the staging ring or "
+             "the capture queue."),
             ("ghostserve_backpressure_drops_total", "Steps whose protection was dropped: staging full."),
             ("ghostserve_checksum_failures_total", "Host parity records that failed their CRC on read."),
             ("ghostserve_faults_injected_total", "Faults injected by the fault-injection drill."),

@@ -57,6 +57,9 @@ OPTIONS = (
     Option("parity_shards", int, 1, "parity shards m (xor: 1; rs: 1 <= m < tp size; replicate: ignored)"),
     Option("staging_mib", int, 64, "host staging ring per rank between capture and the parity table",
            unit="MiB"),
+    Option("capture_queue_mib", int, 0, "device memory for captured KV rows waiting to be encoded; "
+           "a full queue makes the step wait (counted as backpressure), and a write larger than a quarter "
+           "of it is captured in parts; 0: 1/64 of this rank's KV pool, at least 16 MiB", unit="MiB"),
     Option("on_full", str, "block", "when staging is full past the stall timeout: block the step, or "
            "drop protection of that step's slots (counted)", ON_FULL),
     Option("stall_timeout_seconds", float, 0.05, "how long a full staging ring may stall a step before "
@@ -93,6 +96,7 @@ class Settings:
     code: str
     parity_shards: int
     staging_mib: int
+    capture_queue_mib: int
     on_full: str
     stall_timeout_seconds: float
     file_dir: str
@@ -116,6 +120,9 @@ class Settings:
             raise SettingsError(f"--ghost-parity-shards={self.parity_shards} is not allowed; it must be >= 1")
         if self.staging_mib < 1:
             raise SettingsError(f"--ghost-staging-mib={self.staging_mib} is not allowed; it must be >= 1")
+        if self.capture_queue_mib < 0:
+            raise SettingsError(f"--ghost-capture-queue-mib={self.capture_queue_mib} is not allowed; it "
+                                "must be >= 0 (0: sized from the KV pool)")
         if self.recompute_below_tokens < 0:
             raise SettingsError(f"--ghost-recompute-below-tokens={self.recompute_below_tokens} is not "
                                 "allowed; it must be >= 0")

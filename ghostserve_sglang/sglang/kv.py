@@ -29,6 +29,11 @@ class KVView:
     def slot_layer_bytes(self) -> int:
         return 2 * self.half_bytes
 
+    @property
+    def slot_bytes(self) -> int:
+        """K and V bytes of one slot over every layer."""
+        return self.layers * self.slot_layer_bytes
+
     def _rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.pool.k_buffer[layer], self.pool.v_buffer[layer]
         return k.view(torch.uint8).view(self.slots, -1), v.view(torch.uint8).view(self.slots, -1)

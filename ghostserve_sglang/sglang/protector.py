@@ -36,10 +36,12 @@ from ..store.segment import SHM_DIR, ParitySegment, segment_path
 from . import drills, membership, recovery, rejoin
 from .kv import KVView, live_slots
 from .rejoin import peer_lost
+from .work_queue import WorkQueue
 
 log = structlog.get_logger("ghostserve.protector")
 
-QUEUE_STEPS = 64  # steps captured but not yet encoded before the scheduler waits
+AUTO_QUEUE_FRACTION, AUTO_QUEUE_MIN_BYTES = 1 / 64, 16 << 20  # --ghost-capture-queue-mib 0
+PARTS_PER_QUEUE = 4  # a write larger than a quarter of the queue bound is captured in parts
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
 DRILLS = ("inject-fault", "corrupt-parity", "drain", "kill-rank")  # need --ghost-enable-fault-injection
 
@@ -50,6 +52,13 @@ def _quantiles(values: list[float]) -> dict:
     ordered = sorted(values)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
     return {"p50": pick(0.5), "p99": pick(0.99), "mean": sum(ordered) / len(ordered), "count": len(ordered)}
+
+
+def capture_queue_bytes(settings: Settings, kv: KVView) -> int:
+    """The bound on captured KV rows waiting for the worker, in bytes of device memory."""
+    if settings.capture_queue_mib:
+        return settings.capture_queue_mib << 20
+    return max(AUTO_QUEUE_MIN_BYTES, int(kv.slots * kv.slot_bytes * AUTO_QUEUE_FRACTION))
 
 
 class Protector:
@@ -89,6 +98,7 @@ class Protector:
         self.drain = ParityDrain(self.segment, settings.stall_timeout_seconds, settings.on_full,
                                  sync=on_disk).start()
         self.step = 0
+        self.closed = False
         self.scheduler = None  # set by the scheduler's init wrapper
         self.holding = False  # a peer died: queued steps are dropped until the group is whole again
         self.steps_lost_with_peer = 0
@@ -97,7 +107,9 @@ class Protector:
         self.recoveries: list[dict] = []
         self.errors: dict[str, int] = {}
         self._failure: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_STEPS)
+        self.queue_bytes = capture_queue_bytes(settings, self.kv)
+        self.chunk_slots = max(1, self.queue_bytes // (PARTS_PER_QUEUE * self.kv.slot_bytes))
+        self._queue = WorkQueue(self.queue_bytes, self.device)
         self._stream = torch.cuda.Stream() if self.device.type == "cuda" else None
         self._worker = threading.Thread(target=self._work, name="ghostserve-encode", daemon=True)
         self._worker.start()
@@ -113,7 +125,8 @@ class Protector:
         log.info("config", rank=self.rank, step=0, **dataclasses.asdict(settings))
         log.info("protection started", rank=self.rank, step=0, code=code, ranks=self.ranks,
                  parity_shards=parity_shards, record_bytes=self.geometry.record_bytes,
-                 slots=self.kv.slots, segment=self.segment.path, ring_entries=ring_entries)
+                 slots=self.kv.slots, segment=self.segment.path, ring_entries=ring_entries,
+                 capture_queue_bytes=self.queue_bytes, capture_part_slots=self.chunk_slots)
 
     # -- scheduler thread --------------------------------------------------------------------------
     def after_forward(self, forward_batch) -> None:
@@ -130,16 +143,14 @@ class Protector:
         self.metrics.capture_seconds.observe(spent)
 
     def record_write(self, slots: torch.Tensor) -> None:
-        """Slots whose KV was just (re)written by any path: protect them as one step."""
+        """Slots whose KV was just (re)written by any path: protect them as one step, or as one step
+        per part of at most ``chunk_slots`` slots (the same parts on every rank)."""
         self.raise_failure()
-        self.step += 1
-        self.metrics.add("ghostserve_steps_captured_total")
-        rows = self.kv.gather(slots)
-        event = None
-        if self._stream is not None:
-            event = torch.cuda.Event()
-            event.record()
-        self._queue.put(("step", self.step, slots.clone(), rows, event, time.monotonic()))
+        for part in slots.split(self.chunk_slots):
+            self.step += 1
+            self.metrics.add("ghostserve_steps_captured_total")
+            rows = self.kv.gather(part)
+            self._queue.put(("step", self.step, part.clone(), rows, time.monotonic()), rows.nbytes)
 
     def on_free(self, slots: torch.Tensor) -> None:
         self.raise_failure()
@@ -210,7 +221,8 @@ class Protector:
     def call(self, fn):
         """Run ``fn`` on the worker thread after every step queued before it; return its result."""
         box: queue.Queue = queue.Queue(maxsize=1)
-        self._queue.put(("call", fn, box))
+        if not self._queue.put(("call", fn, box)):
+            raise RuntimeError("GhostServe's worker has stopped; the server is shutting down")
         result = box.get()
         if isinstance(result, BaseException):
             raise result
@@ -251,10 +263,13 @@ class Protector:
                 os.unlink(path)
 
     def close(self) -> None:
-        if self._worker.is_alive():
-            self._queue.put(("stop",))
-            self._worker.join(timeout=30)
-        self.drain.stop(flush=False)
+        """Stop the worker and the drain without waiting for queued work (never blocks for long)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.close()
+        self.drain.stop(flush=False)  # also releases a worker waiting on a full ring
+        self._worker.join(timeout=30)
         self.segment.close()
         if self.control is not None:
             self.control.close()
@@ -266,20 +281,14 @@ class Protector:
         stream = torch.cuda.stream(self._stream) if self._stream is not None else None
         if stream is not None:
             stream.__enter__()
-        while True:
-            item = self._queue.get()
+        while (item := self._queue.get()) is not None:
             kind = item[0]
-            if kind == "stop":
-                return
             try:
                 if kind == "step" and self.holding:
                     self.steps_lost_with_peer += 1
                 elif kind == "step":
-                    _, step, slots, rows, event, captured_at = item
+                    _, step, slots, rows, captured_at = item
                     started = time.perf_counter()
-                    if event is not None:  # the gather ran on SGLang's stream
-                        torch.cuda.current_stream().wait_event(event)
-                        rows.record_stream(torch.cuda.current_stream())
                     keep = slots.cpu() != 0  # slot 0 takes padded tokens' writes; never live
                     slots, rows = slots.cpu()[keep], rows[keep.to(rows.device)]
                     records = self.encode(rows)
@@ -290,15 +299,20 @@ class Protector:
                     self.drain.invalidate(item[1].cpu())
                 elif kind == "call":
                     try:
-                        item[2].put(item[1]())
+                        result = item[1]()
+                        if self._stream is not None:  # its KV writes are done before SGLang goes on
+                            self._stream.synchronize()
+                        item[2].put(result)
                     except Exception as exc:  # answered to the caller, who raises it
                         item[2].put(exc)
             except Exception as exc:
                 if membership.supervised() and peer_lost(exc):  # the scheduler thread holds too
                     self.steps_lost_with_peer += 1
-                    continue
-                self._failure = exc
-                self.count_error("worker", exc)
+                else:
+                    self._failure = exc
+                    self.count_error("worker", exc)
+            finally:
+                self._queue.done()
 
     def _report(self, period_s: float = 1.0) -> None:
         """Refresh the metrics every ``period_s`` (also while idle, so lag is seen to return to 0) and log
@@ -308,15 +322,19 @@ class Protector:
         m, warned = self.metrics, False
         while True:
             time.sleep(period_s)
+            if self.closed:
+                return
             try:
                 counters = self.drain.counters()
                 m.mirror("ghostserve_parity_drained_bytes_total", counters.bytes_drained)
                 m.mirror("ghostserve_checksum_failures_total", counters.checksum_failures)
                 m.mirror("ghostserve_errors_total", sum(self.errors.values()) + sum(STATE.errors.values()))
-                for name, what in (("ghostserve_backpressure_stalls_total", counters.stalls),
+                stalls = counters.stalls + self._queue.stalls  # the ring's and the capture queue's
+                for name, what in (("ghostserve_backpressure_stalls_total", stalls),
                                    ("ghostserve_backpressure_drops_total", counters.drops)):
                     if m.mirror(name, what) > 0:
                         log.warning("backpressure", rank=self.rank, step=self.step, stalls=counters.stalls,
+                                capture_queue_stalls=self._queue.stalls,
                                     drops=counters.drops, dropped_records=counters.dropped_records,
                                     stall_seconds=counters.stall_seconds)
                 m.set("ghostserve_checkpoint_lag_steps", counters.lag_steps)
@@ -436,6 +454,8 @@ class Protector:
             "parity_bytes_in_use": len(durable) * self.geometry.record_bytes,
             "host_bytes": self.segment.size_bytes, "record_bytes": self.geometry.record_bytes,
             "bytes_drained": counters.bytes_drained, "stalls": counters.stalls, "drops": counters.drops,
+            "capture_queue_bytes": self.queue_bytes, "capture_queue_stalls": self._queue.stalls,
+            "capture_queue_stall_seconds": self._queue.stall_seconds,
             "checksum_failures": counters.checksum_failures, "errors": sum(self.errors.values()),
             "lost_ranks": sorted(self.lost), "recoveries": len(self.recoveries),
             "last_recovery": self.recoveries[-1] if self.recoveries else None,
@@ -453,19 +473,20 @@ class Protector:
         if wait:
             self.drain.flush()
         live = live_slots(self.allocator, self.kv.slots)
-        expected = self.encode(self.kv.gather(live)).cpu()
-        stored = self.segment.read(live)
         status = torch.zeros(len(live), dtype=torch.int64)  # 0 match, 1 not durable, 2 mismatch
-        status[~stored.usable] = 1
-        differs = (stored.parity != expected).any(dim=1) if len(live) else stored.usable
-        status[stored.usable & differs] = 2
-        if stored.corrupt:
-            status[torch.isin(live, torch.tensor(stored.corrupt))] = 2
+        corrupt = 0
+        for part, state in zip(live.split(self.chunk_slots), status.split(self.chunk_slots)):
+            expected = self.encode(self.kv.gather(part)).cpu()  # collective: the same parts everywhere
+            stored = self.segment.read(part)
+            state[~stored.usable] = 1
+            state[stored.usable & (stored.parity != expected).any(dim=1)] = 2
+            state[torch.isin(part, torch.tensor(stored.corrupt, dtype=torch.int64))] = 2
+            corrupt += len(stored.corrupt)
         if self.group is not None:
             dist.all_reduce(status, op=dist.ReduceOp.MAX, group=self.group)
         protected = int((status == 0).sum())
         kv_bytes = protected * self.kv.layers * self.kv.slot_layer_bytes * self.ranks
-        mine = {"bytes": protected * self.geometry.record_bytes, "corrupt": len(stored.corrupt)}
+        mine = {"bytes": protected * self.geometry.record_bytes, "corrupt": corrupt}
         per_rank = self.gather_objects(mine)
         parity_bytes = sum(r["bytes"] for r in per_rank)
         result = {

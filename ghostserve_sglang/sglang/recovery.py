@@ -48,7 +48,7 @@ def rebuild(p, lost: list[int], recompute_below_tokens: int = 0) -> dict:
     live = live_slots(p.allocator, p.kv.slots)
     stored = p.segment.read(live)
     steps = torch.where(stored.usable, stored.steps, torch.full_like(stored.steps, -1))
-    geometry, ranks, me = p.geometry, p.ranks, p.rank
+    geometry, me = p.geometry, p.rank
     if geometry.code == "replicate":
         needed = steps if me in lost else torch.full_like(steps, torch.iinfo(torch.int64).max)
         low = needed.clone()
@@ -65,37 +65,46 @@ def rebuild(p, lost: list[int], recompute_below_tokens: int = 0) -> dict:
         ok[:] = False  # re-prefill is the cheaper recovery for this little context
     phases.done("read_seconds")
 
-    good = live[ok]
-    n, layers, width = len(good), p.kv.layers, p.kv.slot_layer_bytes
-    if n and geometry.code == "replicate":
-        if me in lost:
-            rows = stored.parity[ok].view(n, layers, width).to(p.device)
+    good, records = live[ok], stored.parity[ok]
+    n, layers = len(good), p.kv.layers
+    # In parts of at most chunk_slots slots (bounded device memory), the same parts on every rank.
+    for part, part_records in zip(good.split(p.chunk_slots), records.split(p.chunk_slots)):
+        if geometry.code != "replicate":
+            parity = part_records.view(len(part), layers, geometry.parity_shards, geometry.column_bytes)
+            _decode(p, lost, part, parity.to(p.device), phases)
+        elif me in lost:  # the record is the rank's own rows
+            rows = part_records.view(len(part), layers, -1).to(p.device)
             phases.done("decode_seconds")
-            p.kv.scatter(good, rows)
-    elif n:
-        columns = p.columns_to_encoders(p.kv.gather(good))  # [ranks, n, layers, column]; lost: garbage
-        phases.done("exchange_seconds")
-        m, column = geometry.parity_shards, geometry.column_bytes
-        parity = stored.parity[ok].view(n, layers, m, column).to(p.device)
-        shards = [None if i in lost else columns[i] for i in range(ranks)]
-        shards += [parity[:, :, r].contiguous() for r in range(m)]
-        decoded = p.codec.reconstruct(shards)
-        back = torch.zeros_like(columns)
-        for f in lost:
-            back[f] = decoded[f]
-        phases.done("decode_seconds")
-        returned = p.all_to_all(back)  # at rank f: column j of its rows, from rank j
-        phases.done("exchange_seconds")
-        if me in lost:
-            rows = returned.permute(1, 2, 0, 3).reshape(n, layers, ranks * column)[:, :, :width]
-            p.kv.scatter(good, rows.contiguous())
-    phases.done("scatter_seconds")
+            p.kv.scatter(part, rows)
+            phases.done("scatter_seconds")
     per_rank = p.gather_objects((n * geometry.record_bytes, len(stored.corrupt), phases.seconds))
     names = dict.fromkeys(name for _, _, seconds in per_rank for name in seconds)  # ranks differ in phases
     slowest = {name: max(s.get(name, 0.0) for _, _, s in per_rank) for name in names}
     return {"lost_ranks": sorted(lost), "live_slots": len(live), "slots_rebuilt": n,
             "slots_recomputed": len(live) - n, "bytes_read_from_host": sum(r[0] for r in per_rank),
             "checksum_failures": sum(r[1] for r in per_rank), "phases": slowest, "bad": live[~ok]}
+
+
+def _decode(p, lost: list[int], slots: torch.Tensor, parity: torch.Tensor, phases: Phases) -> None:
+    """Rebuild the lost ranks' rows of ``slots`` from the survivors' columns and ``parity``
+    (``[n, layers, m, column]``, this rank's records of them); collective."""
+    n, layers, width = len(slots), p.kv.layers, p.kv.slot_layer_bytes
+    ranks, column = p.ranks, p.geometry.column_bytes
+    columns = p.columns_to_encoders(p.kv.gather(slots))  # [ranks, n, layers, column]; lost: garbage
+    phases.done("exchange_seconds")
+    shards = [None if i in lost else columns[i] for i in range(ranks)]
+    shards += [parity[:, :, r].contiguous() for r in range(p.geometry.parity_shards)]
+    decoded = p.codec.reconstruct(shards)
+    back = torch.zeros_like(columns)
+    for f in lost:
+        back[f] = decoded[f]
+    phases.done("decode_seconds")
+    returned = p.all_to_all(back)  # at rank f: column j of its rows, from rank j
+    phases.done("exchange_seconds")
+    if p.rank in lost:
+        rows = returned.permute(1, 2, 0, 3).reshape(n, layers, ranks * column)[:, :, :width]
+        p.kv.scatter(slots, rows.contiguous())
+        phases.done("scatter_seconds")
 
 
 def recompute(scheduler, allocator, total_slots: int, bad: torch.Tensor) -> dict:

@@ -1,0 +1,99 @@
+"""One rank's Protector in this process, on SGLang's real KV pool and allocator (TP=1, replicate): the
+capture queue's byte bound, captures in parts, and scrub and rebuild in parts."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import types
+import uuid
+
+import pytest
+import torch
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+from ghostserve_sglang.settings import Settings
+from ghostserve_sglang.sglang.protector import Protector
+from ghostserve_sglang.sglang.work_queue import WorkQueue
+
+SLOTS = 256
+PART = 16  # 1 MiB queue / (4 parts x 16 KiB a slot: 4 layers x K and V x 8 heads x 64 x 4 bytes)
+
+
+@pytest.fixture(scope="module")
+def protector():
+    pool = MHATokenToKVPool(SLOTS, page_size=1, dtype=torch.float32, head_num=8, head_dim=64, layer_num=4,
+                            device="cpu", enable_memory_saver=False, enable_alt_stream=False)
+    allocator = TokenToKVPoolAllocator(SLOTS, dtype=torch.float32, device="cpu", kvcache=pool,
+                                       need_sort=False)
+    runner = types.SimpleNamespace(token_to_kv_pool=pool, token_to_kv_pool_allocator=allocator)
+    group = types.SimpleNamespace(rank_in_group=0, world_size=1, ranks=[0])
+    settings = Settings.from_values({"code": "replicate", "capture_queue_mib": "1", "strict": "1",
+                                     "enable_fault_injection": "1"})
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    p = Protector(settings, runner, f"test-{uuid.uuid4().hex[:12]}", group)
+    yield p
+    p.close()
+    p.unlink_files()
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def written(p: Protector, count: int, seed: int) -> torch.Tensor:
+    """Allocate ``count`` slots, fill their KV with seeded bytes in every layer, and capture them."""
+    slots = p.allocator.alloc(count)
+    generator = torch.Generator().manual_seed(seed)
+    for buffer in (*p.kv.pool.k_buffer, *p.kv.pool.v_buffer):
+        buffer[slots] = torch.randn(buffer[slots].shape, generator=generator)
+    p.record_write(slots)
+    return slots
+
+
+def test_a_write_larger_than_a_quarter_of_the_queue_is_captured_in_parts(protector):
+    assert (protector.queue_bytes, protector.chunk_slots) == (1 << 20, PART)
+    before = protector.step
+    written(protector, 5 * PART + 1, seed=1)
+    assert protector.step - before == 6  # five whole parts and one slot
+    scrub = protector.call(protector._scrub)
+    assert (scrub["live_slots"], scrub["matching"], scrub["mismatching"], scrub["not_durable"]) == (
+        5 * PART + 1, 5 * PART + 1, 0, 0)
+
+
+def test_a_lost_kv_is_rebuilt_part_by_part_to_the_same_bytes(protector):
+    written(protector, 7 * PART + 3, seed=2)
+    live = protector.coverage()[0]
+    before = protector.kv.gather(live).clone()
+    protector.call(lambda: protector._inject([0]))
+    assert not torch.equal(protector.kv.gather(live), before)
+    result = protector.recover(None, [0])
+    assert result["outcome"] == "rebuilt" and result["slots_rebuilt"] == len(live)
+    assert torch.equal(protector.kv.gather(live), before)
+
+
+def test_the_queue_passes_one_item_larger_than_the_bound_and_releases_bytes_on_done():
+    queue = WorkQueue(limit_bytes=100, device=torch.device("cpu"))
+    assert queue.put(("big",), 500)  # an empty queue takes any item
+    waiting = threading.Thread(target=queue.put, args=(("next",), 10))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive() and queue.stalls == 1  # 500 + 10 > 100: backpressure
+    assert queue.get() == ("big",)
+    waiting.join(0.2)
+    assert waiting.is_alive()  # the worker still holds "big"
+    queue.done()
+    waiting.join(5)
+    assert not waiting.is_alive() and queue.queued_bytes == 10 and queue.stall_seconds > 0.15
+
+
+def test_a_closed_queue_releases_a_waiting_producer_and_the_worker():
+    queue = WorkQueue(limit_bytes=100, device=torch.device("cpu"))
+    queue.put(("a",), 100)
+    waiting = threading.Thread(target=queue.put, args=(("b",), 10))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive()
+    queue.close()
+    waiting.join(5)
+    assert not waiting.is_alive()
+    assert queue.get() is None and queue.put(("c",), 1) is False
