@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+import signal
+import time
 
 import pytest
 
+from ghostserve_sglang import control
 from ghostserve_sglang.local_server import launched
 
 CHUNK = 128  # --chunked-prefill-size: the long prompts below are prefilled in several chunks
@@ -105,3 +108,34 @@ def test_plain_sglang_launch_server_with_environment_replicates(tmp_path):
         assert scrub["mismatching"] == 0 and scrub["not_durable"] == 0
         assert scrub["matching"] == scrub["live_slots"] > 0
         assert scrub["parity_to_kv"] == 1.0  # a full copy
+
+
+def test_a_paused_drain_under_load_never_blocks_serving_control_or_a_stop(tmp_path):
+    # A 1 MiB staging ring fills within the first steps of this load while the drain is paused; with
+    # the default --ghost-on-full=block the steps must still go on (dropping protection, counted), and
+    # status, drain resume and SIGTERM must get through. A 1 MiB capture queue also makes the long
+    # prefills be captured in parts.
+    ghost = ["--ghost-code", "xor", "--ghost-staging-mib", "1", "--ghost-capture-queue-mib", "1",
+             "--ghost-enable-fault-injection", "1"]
+    with launched(2, ghost, log_dir=str(tmp_path)) as server:
+        call = lambda op, **args: control.call(str(server.port), op, args, timeout_s=30)  # noqa: E731
+        assert call("drain", pause=True)["paused"] is True
+        rng = random.Random(4)
+        load = [([rng.randrange(3, 1000) for _ in range(300)], 120) for _ in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            futures = [pool.submit(server.generate, *request, 300) for request in load]
+            time.sleep(10)
+            status = call("status")["ranks"]
+            assert call("drain", pause=False)["paused"] is False
+            outputs = [future.result(timeout=300) for future in futures]
+        assert all(len(output["output_ids"]) == 120 for output in outputs)
+        assert all(rank["drops"] > 0 for rank in status)  # the ring filled and protection was dropped
+        assert "capture_part_slots=170" in server.log()  # 1 MiB / (4 x 1536 bytes a slot)
+        server.post("/flush_cache")
+        run_concurrently(server, load[:4])  # a running drain protects every write again
+        scrub = call("scrub")
+        assert (scrub["mismatching"], scrub["not_durable"]) == (0, 0) and scrub["matching"] > 0
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=60)
+        assert time.monotonic() - started < 30

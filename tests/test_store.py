@@ -14,7 +14,7 @@ import store_writer
 import torch
 
 from ghostserve_sglang.store import ParityDrain, ParitySegment, StoreError, StoreGeometry
-from ghostserve_sglang.store.segment import OWNER_PID
+from ghostserve_sglang.store.segment import OWNER_PID, check_space
 
 GEOMETRY = StoreGeometry("xor", 2, 1, "bfloat16", 6, 16, 2, 1024)
 
@@ -303,3 +303,15 @@ def test_a_failed_drain_thread_is_reported_to_the_producer_in_one_line(instance)
     with pytest.raises(StoreError, match="drain thread failed"):
         drain.flush(5)
     segment.close(unlink=True)
+
+
+def test_a_store_larger_than_the_free_space_is_refused_up_front_in_one_line(instance):
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    too_many = free // GEOMETRY.record_bytes + 1  # slots whose table alone passes the free space
+    geometry = StoreGeometry("xor", 2, 1, "bfloat16", 6, 16, 2, too_many)
+    with pytest.raises(StoreError) as refused:
+        check_space(geometry, ring_entries=64)
+    message = str(refused.value)
+    assert "\n" not in message and "/dev/shm" in message and "--ghost-staging-mib" in message
+    assert f"{free / 2**20:,.0f} MiB free" in message
+    assert check_space(GEOMETRY, ring_entries=64) == ParitySegment.create(instance, 0, GEOMETRY, 64).size_bytes

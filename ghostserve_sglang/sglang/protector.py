@@ -32,7 +32,7 @@ from ..control import ControlRequest, ControlServer
 from ..settings import Settings
 from ..store.drain import ParityDrain
 from ..store.geometry import StoreGeometry
-from ..store.segment import SHM_DIR, ParitySegment, segment_path
+from ..store.segment import SHM_DIR, ParitySegment, check_space, segment_path
 from . import drills, membership, recovery, rejoin
 from .kv import KVView, live_slots
 from .rejoin import peer_lost
@@ -93,10 +93,17 @@ class Protector:
         existing = settings.existing_store
         if replacement:  # the dead rank's segment holds the parity this rank's rebuild needs
             existing = "attach" if os.path.exists(segment_path(instance_id, self.rank, directory)) else "fail"
+        if not os.path.exists(segment_path(instance_id, self.rank, directory)):
+            check_space(self.geometry, ring_entries, directory)
         self.segment = ParitySegment.create(instance_id, self.rank, self.geometry, ring_entries,
                                             existing=existing, directory=directory)
         self.drain = ParityDrain(self.segment, settings.stall_timeout_seconds, settings.on_full,
                                  sync=on_disk).start()
+        if self.drain.counters().pin_error:
+            log.warning("the host staging ring could not be pinned; device-to-host copies of parity are "
+                        "synchronous (counted as pageable_copies)", rank=self.rank,
+                        cuda_error=self.drain.counters().pin_error,
+                        ring_bytes=ring_entries * self.geometry.record_bytes)
         self.step = 0
         self.closed = False
         self.scheduler = None  # set by the scheduler's init wrapper
@@ -457,6 +464,7 @@ class Protector:
             "capture_queue_bytes": self.queue_bytes, "capture_queue_stalls": self._queue.stalls,
             "capture_queue_stall_seconds": self._queue.stall_seconds,
             "checksum_failures": counters.checksum_failures, "errors": sum(self.errors.values()),
+            "pageable_copies": counters.pageable_copies,
             "lost_ranks": sorted(self.lost), "recoveries": len(self.recoveries),
             "last_recovery": self.recoveries[-1] if self.recoveries else None,
             "restarts": rejoin.MEMBERS.restarts.get(self.rank, 0),

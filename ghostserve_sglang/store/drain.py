@@ -39,6 +39,8 @@ class DrainCounters:
     discarded_records: int = 0
     write_seconds: float = 0.0
     checksum_failures: int = 0
+    pin_error: int = 0  # CUDA's error when the staging ring could not be pinned (0: pinned or no GPU)
+    pageable_copies: int = 0  # device-to-host copies into an unpinned ring (synchronous)
     lag_steps: int = 0
     lag_seconds: float = 0.0
 
@@ -76,7 +78,7 @@ class ParityDrain:
     # -- producer side ---------------------------------------------------------------------------
     def start(self) -> ParityDrain:
         if torch.cuda.is_available():
-            self.segment.pin()
+            self._counters.pin_error = self.segment.pin()
             self._stream = torch.cuda.Stream()
         self._thread.start()
         return self
@@ -126,6 +128,8 @@ class ParityDrain:
         if not src.is_cuda:
             dst.copy_(src)
             return
+        if not self.segment.pinned:
+            self._counters.pageable_copies += 1
         self._stream.wait_stream(torch.cuda.current_stream(src.device))
         with torch.cuda.stream(self._stream):
             dst.copy_(src, non_blocking=True)

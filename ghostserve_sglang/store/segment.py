@@ -61,6 +61,31 @@ def _align(n: int) -> int:
     return (n + 63) // 64 * 64
 
 
+def _layout(geometry: StoreGeometry, ring_entries: int) -> tuple[dict[str, int], int]:
+    """Byte offsets of the regions, and the segment's size."""
+    record = geometry.record_bytes
+    offsets = {"slots": HEADER_BYTES}
+    offsets["table"] = _align(offsets["slots"] + 16 * geometry.slots)
+    offsets["ring_meta"] = _align(offsets["table"] + record * geometry.slots)
+    offsets["ring"] = _align(offsets["ring_meta"] + 16 * ring_entries)
+    return offsets, _align(offsets["ring"] + record * ring_entries)
+
+
+def check_space(geometry: StoreGeometry, ring_entries: int, directory: str = SHM_DIR) -> int:
+    """Refuse, in one line naming the need and the fixes, a segment that ``directory`` has no room for
+    (its pages are committed as parity arrives, so a shortfall would surface later as a crash). Returns
+    the segment's size."""
+    need = _layout(geometry, ring_entries)[1]
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    if need > free:
+        mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+        raise StoreError(f"the parity store of one rank needs {mib(need)} in {directory}, which has "
+                         f"{mib(free)} free; enlarge it (docker run --shm-size, or mount -o remount,size=... "
+                         f"{directory}), or lower --max-total-tokens or --ghost-staging-mib")
+    return need
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -103,11 +128,7 @@ class ParitySegment:
         self.geometry = geometry
         self.ring_entries = ring_entries
         record = geometry.record_bytes
-        self._offsets = {"slots": HEADER_BYTES}
-        self._offsets["table"] = _align(self._offsets["slots"] + 16 * geometry.slots)
-        self._offsets["ring_meta"] = _align(self._offsets["table"] + record * geometry.slots)
-        self._offsets["ring"] = _align(self._offsets["ring_meta"] + 16 * ring_entries)
-        self.size_bytes = _align(self._offsets["ring"] + record * ring_entries)
+        self._offsets, self.size_bytes = _layout(geometry, ring_entries)
         found_bytes = os.fstat(fd).st_size
         if found_bytes == 0:
             os.ftruncate(fd, self.size_bytes)
@@ -126,7 +147,7 @@ class ParitySegment:
         meta = buf[o["ring_meta"] : o["ring_meta"] + 16 * ring_entries].view(torch.int64)
         self.ring_meta = meta.view(ring_entries, 2)
         self.ring = buf[o["ring"] : o["ring"] + record * ring_entries].view(ring_entries, record)
-        self._pinned = False
+        self._pinned_at = 0  # address of the registered range
         self.checksum_failures = 0  # records refused by ``read`` since this process mapped the segment
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -204,19 +225,29 @@ class ParitySegment:
         """Write dirty pages through to the file (msync); for a segment on disk, that makes it durable."""
         self._map.flush()
 
-    def pin(self) -> None:
-        """Register the mapping with CUDA so device-to-host copies into it run asynchronously."""
-        if torch.cuda.is_available() and not self._pinned:
-            err = torch.cuda.cudart().cudaHostRegister(self._address, self.size_bytes, 0)
-            if int(err) != 0:
-                raise StoreError(f"cudaHostRegister of {self.path} failed with error {int(err)}")
-            self._pinned = True
+    def pin(self) -> int:
+        """Register the staging ring (the only target of device-to-host copies) with CUDA, so that the
+        copies into it run asynchronously. Returns 0, or CUDA's error code when registration failed:
+        copies then go to pageable memory, synchronously."""
+        if self._pinned_at or not torch.cuda.is_available():
+            return 0
+        page = mmap.PAGESIZE
+        start = self._offsets["ring"] // page * page
+        end = -(-self.size_bytes // page) * page
+        err = int(torch.cuda.cudart().cudaHostRegister(self._address + start, end - start, 0))
+        if err == 0:
+            self._pinned_at = self._address + start
+        return err
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self._pinned_at)
 
     def close(self, unlink: bool = False) -> None:
         """Unmap; ``unlink`` also deletes the segment (normal shutdown)."""
-        if self._pinned:
-            torch.cuda.cudart().cudaHostUnregister(self._address)
-            self._pinned = False
+        if self._pinned_at:
+            torch.cuda.cudart().cudaHostUnregister(self._pinned_at)
+            self._pinned_at = 0
         self._control[OWNER_PID] = 0
         del self._control, self.slot_steps, self.slot_crcs, self.table, self.ring_meta, self.ring
         self._map.close()
