@@ -45,3 +45,27 @@ def test_triton_reads_strided_rows_in_place_and_writes_only_its_rows():
     expected = new_code("rs", k, m, backend="torch").encode(data)
     assert all(same_bytes(a, b) for a, b in zip(out, expected))
     assert (guarded[:, :8] == 0x5A).all() and (guarded[:, 8 + n :] == 0x5A).all()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="tests/gpu/kernel_check.py runs this size on a GPU")
+def test_row_offsets_past_int32_with_a_stride_that_fits_int32():
+    # rs 3+3 over rows 2^30 + 4 KiB apart in one sparse mapping (only the touched pages are backed):
+    # the stride fits int32, source row 2 and output row 2 start past 2^31 bytes.
+    import mmap
+
+    k, m, length, stride = 3, 3, 4096, (1 << 30) + 4096
+    space = mmap.mmap(-1, (k - 1) * stride + length)
+    rows = torch.frombuffer(space, dtype=torch.uint8)
+    sources = [rows[j * stride: j * stride + length] for j in range(k)]
+    generator = torch.Generator().manual_seed(7)
+    for source in sources:
+        source.copy_(torch.randint(0, 256, (length,), dtype=torch.uint8, generator=generator))
+    outputs_space = mmap.mmap(-1, (m - 1) * stride + length)
+    out_rows = torch.frombuffer(outputs_space, dtype=torch.uint8)
+    outputs = [out_rows[i * stride: i * stride + length] for i in range(m)]
+    new_code("rs", k, m, backend="triton").encode(sources, out=outputs)
+    want = new_code("rs", k, m, backend="torch").encode([s.clone() for s in sources])
+    assert all(torch.equal(got, expected) for got, expected in zip(outputs, want))
+    del rows, sources, out_rows, outputs
+    space.close()
+    outputs_space.close()
