@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     server_args = prepare_server_args(sglang_argv)
     try:
         chosen.check_topology(server_args.tp_size, server_args.pp_size, server_args.dp_size)
+        if chosen.enabled and server_args.speculative_algorithm:
+            raise SettingsError(f"--speculative-algorithm={server_args.speculative_algorithm} is not "
+                                "supported with --ghost-code: speculative decoding keeps draft KV that "
+                                "GhostServe does not protect")
         if chosen.enabled and not chosen.allow_unsupported_sglang:
             check_supported()
     except (SettingsError, PatchError) as exc:

@@ -22,6 +22,8 @@ BASE = ["--model-path", str(models.path()), "--device", "cpu"]
     (["--tp-size", "2", "--ghost-staging-mib", "lots"], "--ghost-staging-mib=lots"),
     (["--tp-size", "2", "--ghost-on-full", "panic"], "--ghost-on-full=panic"),
     (["--tp-size", "2", "--dp-size", "2"], "--dp-size=2"),
+    (["--tp-size", "2", "--speculative-algorithm", "NGRAM"], "--speculative-algorithm=NGRAM"),
+    (["--tp-size", "2", "--ghost-capture-queue-mib", "-1"], "--ghost-capture-queue-mib=-1"),
 ])
 def test_invalid_settings_fail_fast_with_one_line(flags, named, capsys):
     with pytest.raises(SystemExit) as exited:

@@ -13,7 +13,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from ghostserve_sglang.settings import Settings
 from ghostserve_sglang.sglang import cpu_compat, hooks, patches
-from ghostserve_sglang.sglang.kv import KVView, live_slots
+from ghostserve_sglang.sglang.kv import KVView, UnsupportedPool, check_pool, live_slots
 from ghostserve_sglang.sglang.patches import TARGETS, Patcher, PatchError, Target
 
 
@@ -220,3 +220,53 @@ def test_cpu_linear_gives_a_row_the_same_bits_whatever_the_batch():
         assert differing() == []
     finally:
         patcher.uninstall()
+
+
+def _pool(**overrides):
+    args = dict(size=16, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=8, layer_num=2,
+                device="cpu", enable_memory_saver=False)
+    return MHATokenToKVPool(**{**args, **overrides})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def test_mha_pools_are_accepted_fp8_as_bytes(dtype):
+    pool = _pool(dtype=dtype)
+    check_pool(pool)
+    view = KVView(pool)
+    assert view.slot_layer_bytes == 2 * 2 * 8 * pool.k_buffer[0].element_size()
+
+
+def _refused(pool, *words):
+    with pytest.raises(UnsupportedPool) as refused:
+        check_pool(pool)
+    message = str(refused.value)
+    assert "\n" not in message and all(word in message for word in words), message
+
+
+def test_hnd_layout_is_refused(monkeypatch):
+    monkeypatch.setenv("SGLANG_USE_HND_KVCACHE", "1")
+    _refused(_pool(size=12, page_size=4), "layout", "SGLANG_USE_HND_KVCACHE")
+
+
+def test_k_and_v_of_different_head_dims_are_refused():
+    _refused(_pool(head_dim=12, v_head_dim=8), "K [17, 2, 12]", "V [17, 2, 8]")
+
+
+def test_quantized_kv_with_scale_buffers_is_refused():
+    from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import get_kv_cache_quant_method
+
+    method = get_kv_cache_quant_method("nvfp4", num_layers=2, device="cpu", page_size=1)
+    _refused(_pool(head_dim=16, dtype=torch.float4_e2m1fn_x2, quant_method=method), "k_scale_buffer")
+
+
+def test_mla_and_hybrid_pools_are_refused():
+    from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool, MLATokenToKVPool
+    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+
+    common = dict(page_size=1, dtype=torch.bfloat16, device="cpu", enable_memory_saver=False)
+    _refused(MLATokenToKVPool(size=16, kv_lora_rank=8, qk_rope_head_dim=4, layer_num=2, **common),
+             "MLATokenToKVPool (MLA)")
+    _refused(SWAKVPool(size=16, size_swa=8, head_num=2, head_dim=8, swa_attention_layer_ids=[0, 2],
+                       full_attention_layer_ids=[1], **common), "SWAKVPool (hybrid")
+    _refused(HybridLinearKVPool(size=16, head_num=2, head_dim=8, full_attention_layer_ids=[3],
+                                mamba_pool=None, **common), "HybridLinearKVPool (hybrid")

@@ -314,4 +314,5 @@ def test_a_store_larger_than_the_free_space_is_refused_up_front_in_one_line(inst
     message = str(refused.value)
     assert "\n" not in message and "/dev/shm" in message and "--ghost-staging-mib" in message
     assert f"{free / 2**20:,.0f} MiB free" in message
-    assert check_space(GEOMETRY, ring_entries=64) == ParitySegment.create(instance, 0, GEOMETRY, 64).size_bytes
+    created = ParitySegment.create(instance, 0, GEOMETRY, 64)
+    assert check_space(GEOMETRY, ring_entries=64) == created.size_bytes

@@ -17,6 +17,7 @@ import torch
 from ..control import ControlRequest
 from ..settings import Settings
 from . import drills, handover
+from .kv import UnsupportedPool
 
 log = structlog.get_logger("ghostserve.hooks")
 
@@ -71,6 +72,10 @@ def scheduler_init(wrapped, instance, args, kwargs):
     started = time.time()
     with rejoin.MEMBERS.transcript.recording():
         wrapped(*args, **kwargs)
+        if getattr(instance, "draft_worker", None) is not None:
+            raise UnsupportedPool("speculative decoding's draft model keeps a KV pool of its own, which "
+                                  "GhostServe does not protect; run without --speculative-algorithm or "
+                                  "with --ghost-code off")
         STATE.protector = Protector(STATE.settings, instance.tp_worker.model_runner, instance_id,
                                     get_parallel().tp_group, replacement=generation is not None)
     STATE.protector.scheduler = instance

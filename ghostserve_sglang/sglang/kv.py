@@ -10,6 +10,43 @@ from ..store.geometry import DTYPES
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
+class UnsupportedPool(ValueError):
+    """A KV pool GhostServe does not protect; one line names what and what to do."""
+
+
+_SCALE_BUFFERS = ("k_scale_buffer", "v_scale_buffer", "native_k_scale_buffer", "native_v_scale_buffer",
+                  "dq_k_buffer", "dq_v_buffer")
+
+
+def check_pool(pool) -> None:
+    """Refuse any pool whose bytes are not exactly K and V rows ``[slots, heads, head_dim]`` per layer:
+    GhostServe would protect the wrong bytes, or only part of them. fp8 KV passes (it is bytes)."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    fix = "run it with --ghost-code off, or without the option that selects this pool"
+    if type(pool) is not MHATokenToKVPool:
+        kind = ("MLA" if hasattr(pool, "kv_lora_rank") else
+                "hybrid: sliding-window or linear attention" if hasattr(pool, "full_kv_pool") else "other")
+        raise UnsupportedPool(f"the KV pool {type(pool).__name__} ({kind}) is not protected by GhostServe, "
+                              f"which protects SGLang's MHATokenToKVPool; {fix}")
+    k, v = pool.k_buffer[0], pool.v_buffer[0]
+    if getattr(pool, "use_hnd", False) or getattr(pool, "kv_cache_layout", "nhd") != "nhd" or k.dim() != 3:
+        raise UnsupportedPool(f"the KV pool's layout {getattr(pool, 'kv_cache_layout', '?')!r} "
+                              f"(buffer shape {list(k.shape)}) is not protected by GhostServe, which needs "
+                              "the NHD layout [slots, heads, head_dim]; unset SGLANG_USE_HND_KVCACHE")
+    if k.shape != v.shape or k.dtype != v.dtype:
+        raise UnsupportedPool(f"K {list(k.shape)} {k.dtype} and V {list(v.shape)} {v.dtype} differ (a model "
+                              f"with another V head dim); GhostServe protects pools whose K and V rows "
+                              f"match; {fix}")
+    scaled = [name for name in _SCALE_BUFFERS if getattr(pool, name, None) is not None]
+    if scaled:
+        raise UnsupportedPool(f"the quantized KV pool keeps {', '.join(scaled)} beside K and V, which "
+                              "GhostServe does not protect; use --kv-cache-dtype auto or fp8_e4m3")
+    if getattr(pool, "post_capture_active", False):
+        raise UnsupportedPool("the KV pool is resized after CUDA graph capture "
+                              "(SGLANG_ENABLE_POST_CAPTURE_KV_SIZING); GhostServe needs a fixed pool")
+
+
 class KVView:
     """One rank's MHA KV pool seen as bytes: slot s in layer l is K bytes then V bytes."""
 

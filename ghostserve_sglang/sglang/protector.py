@@ -34,7 +34,7 @@ from ..store.drain import ParityDrain
 from ..store.geometry import StoreGeometry
 from ..store.segment import SHM_DIR, ParitySegment, check_space, segment_path
 from . import drills, membership, recovery, rejoin
-from .kv import KVView, live_slots
+from .kv import KVView, check_pool, live_slots
 from .rejoin import peer_lost
 from .work_queue import WorkQueue
 
@@ -68,6 +68,7 @@ class Protector:
         self.instance_id = instance_id
         self.model_runner = model_runner
         self.allocator = model_runner.token_to_kv_pool_allocator
+        check_pool(model_runner.token_to_kv_pool)
         self.kv = KVView(model_runner.token_to_kv_pool)
         self.rank, self.ranks = tp_group.rank_in_group, tp_group.world_size
         code = "replicate" if settings.code == "file" else settings.code  # file: the same layout, on disk
