@@ -4,8 +4,11 @@
 
 Throughput: steps of parity rows are submitted as fast as the drain takes them and flushed; the bytes
 that became durable per second are compared with ``dst.copy_(src)`` of the same rows, measured in the
-same run. Lag: steps are submitted at ``--rate`` steps per second and the watermark's lag behind the
-last submitted step is sampled after every submit (p50/p99, in steps and seconds).
+same run, once with the records written from Python one at a time and once by the native batch write.
+Beside each, a pure-Python loop (a stand-in for SGLang's scheduler thread) counts how much of its
+speed the drain's hold on the GIL leaves it. Lag: steps are submitted at ``--rate`` steps per second
+and the watermark's lag behind the last submitted step is sampled after every submit (p50/p99, in
+steps and seconds).
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 import uuid
 
 import torch
 
-from ghostserve_sglang.store import ParityDrain, ParitySegment, StoreGeometry
+from ghostserve_sglang.store import ParityDrain, ParitySegment, StoreGeometry, native
 
 # One rank's shard of a Llama-8B-like pool (32 layers, 8 KV heads of 128 bf16 over 2 ranks), xor.
 GEOMETRY = StoreGeometry("xor", 2, 1, "bfloat16", 4, 128, 32, 4096)
@@ -27,6 +31,33 @@ GEOMETRY = StoreGeometry("xor", 2, 1, "bfloat16", 4, 128, 32, 4096)
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def python_rate(seconds: float, stop: threading.Event | None = None) -> float:
+    """Iterations per second of a pure-Python loop (a stand-in for SGLang's scheduler thread)."""
+    count, start = 0, time.perf_counter()
+    while not stop.is_set() if stop is not None else time.perf_counter() - start < seconds:
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def throughput(drain: ParityDrain, rows: torch.Tensor, step: int, seconds: float):
+    """Submit steps as fast as the drain takes them for ``seconds``, with a Python loop running in
+    another thread; returns (durable bytes/s, loop iterations/s, steps), and the last step."""
+    n, gen = len(rows), torch.Generator().manual_seed(0)
+    before, first = drain.counters().bytes_drained, step
+    stop, rate = threading.Event(), []
+    loop = threading.Thread(target=lambda: rate.append(python_rate(seconds, stop)))
+    loop.start()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step += 1
+        drain.submit(step, torch.randperm(GEOMETRY.slots, generator=gen)[:n], rows)
+    drain.flush()
+    elapsed = time.perf_counter() - start
+    stop.set()
+    loop.join()
+    return ((drain.counters().bytes_drained - before) / elapsed, rate[0], step - first), step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,26 +76,31 @@ def main(argv: list[str] | None = None) -> None:
 
     segment = ParitySegment.create(f"bench-{uuid.uuid4().hex[:8]}", 0, GEOMETRY, ring_entries=16 * n)
     try:
-        drain = ParityDrain(segment).start()
         rows = torch.randint(0, 256, (n, record), dtype=torch.uint8)
-        gen = torch.Generator().manual_seed(0)
-        step, start = 0, time.perf_counter()
-        while time.perf_counter() - start < args.seconds:
-            step += 1
-            drain.submit(step, torch.randperm(GEOMETRY.slots, generator=gen)[:n], rows)
-        drain.flush()
-        elapsed = time.perf_counter() - start
-        drained = drain.counters().bytes_drained
+        alone = python_rate(args.seconds)
+        step, results, built = 0, {}, native.batch_writer
+        # The drain's record writes: from Python, one record per call (as on a machine without a C
+        # compiler), or one native call per batch that releases the GIL.
+        for path, writer in (("python", lambda: None), ("native", built)):
+            native.batch_writer = writer
+            drain = ParityDrain(segment).start()
+            results[path], step = throughput(drain, rows, step, args.seconds)
+            drain.stop()
+        native.batch_writer = built
         # The baseline writes the same rows over a buffer as large as the store's table, so that
         # neither side is flattered by the CPU caches.
         dst = torch.empty((GEOMETRY.slots // n, n, record), dtype=torch.uint8)
+        copies = results["native"][2]
         start = time.perf_counter()
-        for copy in range(step):
+        for copy in range(copies):
             dst[copy % len(dst)].copy_(rows)
-        memcpy = step * rows.numel() / (time.perf_counter() - start)
-        print(f"\nthroughput: {drained / elapsed / 1e9:.2f} GB/s durable vs memcpy {memcpy / 1e9:.2f} GB/s "
-              f"of the same rows: ratio {drained / elapsed / memcpy:.3f} ({step} steps)")
-
+        memcpy = copies * rows.numel() / (time.perf_counter() - start)
+        print(f"\nPython loop alone: {alone / 1e6:.2f} M iterations/s")
+        for path, (rate, loop, steps) in results.items():
+            print(f"throughput ({path} record writes): {rate / 1e9:.2f} GB/s durable vs memcpy "
+                  f"{memcpy / 1e9:.2f} GB/s of the same rows: ratio {rate / memcpy:.3f} ({steps} steps); "
+                  f"a Python thread beside it keeps {loop / alone:.2f} of its speed")
+        drain, gen = ParityDrain(segment).start(), torch.Generator().manual_seed(1)
         lag_steps: list[float] = []
         lag_seconds: list[float] = []
         period = 1.0 / args.rate
@@ -84,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
               f"p50 {percentile(lag_steps, 0.5):.0f} steps / {percentile(lag_seconds, 0.5) * 1e3:.2f} ms, "
               f"p99 {percentile(lag_steps, 0.99):.0f} steps / {percentile(lag_seconds, 0.99) * 1e3:.2f} ms, "
               f"mean {statistics.fmean(lag_steps):.2f} steps; "
-              f"stalls {counters.stalls}, drops {counters.drops} (both runs)")
+              f"stalls {counters.stalls}, drops {counters.drops}")
     finally:
         segment.close(unlink=True)
 

@@ -14,7 +14,7 @@ import store_writer
 import torch
 
 from ghostserve_sglang.store import ParityDrain, ParitySegment, StoreError, StoreGeometry
-from ghostserve_sglang.store.segment import OWNER_PID, check_space
+from ghostserve_sglang.store.segment import OWNER_PID, WATERMARK, check_space
 
 GEOMETRY = StoreGeometry("xor", 2, 1, "bfloat16", 6, 16, 2, 1024)
 
@@ -294,7 +294,7 @@ def test_a_producer_waiting_on_a_full_ring_is_released_by_stop(instance):
 
 def test_a_failed_drain_thread_is_reported_to_the_producer_in_one_line(instance):
     segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
-    segment.write_records = None  # the drain thread's first write raises TypeError
+    segment.write_staged = None  # the drain thread's first write raises TypeError
     drain = ParityDrain(segment, stall_timeout_s=0.01).start()
     slots = torch.arange(1, 21)
     with pytest.raises(StoreError, match="drain thread failed") as failure:
@@ -316,3 +316,26 @@ def test_a_store_larger_than_the_free_space_is_refused_up_front_in_one_line(inst
     assert f"{free / 2**20:,.0f} MiB free" in message
     created = ParitySegment.create(instance, 0, GEOMETRY, 64)
     assert check_space(GEOMETRY, ring_entries=64) == created.size_bytes
+
+
+def test_the_native_batch_write_gives_the_python_writes_bytes_and_checksums(instance, monkeypatch):
+    from ghostserve_sglang.store import native
+
+    assert native.batch_writer() is not None  # this machine has a C compiler: the fast path is tested
+    fast = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=16)
+    slow = ParitySegment.create(instance, 1, GEOMETRY, ring_entries=16)
+    slots = torch.tensor([3, 9, 4, 3, 700, 9])  # 3 and 9 staged twice: the later record wins
+    steps = torch.tensor([5, 5, 5, 6, 6, 7])
+    for segment in (fast, slow):
+        segment.ring_meta[2:8, 0], segment.ring_meta[2:8, 1] = steps, slots
+        segment.ring[2:8] = rows(1, slots)
+    fast.write_staged(2, 6)
+    monkeypatch.setattr(native, "batch_writer", lambda: None)  # as on a machine without a C compiler
+    slow.write_staged(2, 6)
+    assert torch.equal(fast.table, slow.table) and torch.equal(fast.slot_crcs, slow.slot_crcs)
+    assert torch.equal(fast.slot_steps, slow.slot_steps)
+    assert fast.slot_steps[[3, 4, 9, 700]].tolist() == [6, 5, 7, 6]
+    fast.set_control(WATERMARK, 7)
+    assert fast.read(torch.tensor([3, 4, 9, 700])).usable.all()  # the CRCs check out in Python
+    fast.close()
+    slow.close()

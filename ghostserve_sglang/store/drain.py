@@ -253,7 +253,7 @@ class ParityDrain:
                 self._writing = True
             self._wait_copies(start + count)
             started = time.monotonic()
-            self._write(start % cap, count)
+            self.segment.write_staged(start % cap, count)
             if self.sync:
                 self.segment.sync()
             written = time.monotonic() - started
@@ -277,16 +277,6 @@ class ParityDrain:
         with self._cv:
             while self._copies and self._copies[0][1] <= end:
                 self._copies.popleft()
-
-    def _write(self, index: int, count: int) -> None:
-        """Write ring entries [index, index + count) into the table, one step at a time (a step's
-        slots are distinct; the same slot in two steps must land in step order)."""
-        meta = self.segment.ring_meta[index : index + count]
-        steps = meta[:, 0]
-        cuts = (torch.nonzero(steps[1:] != steps[:-1]).flatten() + 1).tolist()
-        for lo, hi in zip([0, *cuts], [*cuts, count]):
-            rows = slice(index + lo, index + hi)
-            self.segment.write_records(int(steps[lo]), meta[lo:hi, 1].clone(), self.segment.ring[rows])
 
     def _next_cut(self, start: int) -> int:
         """Entries from ``start`` up to the first invalidation staged after it: a batch ends there, so a

@@ -24,6 +24,7 @@ import zlib
 import torch
 
 from ..codec.backends.isal import load_library
+from . import native
 from .geometry import StoreError, StoreGeometry
 
 FORMAT_VERSION = 1
@@ -267,6 +268,20 @@ class ParitySegment:
         return self.control(WATERMARK)
 
     # -- records ---------------------------------------------------------------------------------
+    def write_staged(self, index: int, count: int) -> None:
+        """Store ring entries ``[index, index + count)`` in the table, in ring order, each marked with
+        its step: one native call that releases the GIL, or from Python where that is not built."""
+        meta, rows = self.ring_meta[index : index + count], self.ring[index : index + count]
+        writer = native.batch_writer()
+        if writer is not None:
+            writer(self.table.data_ptr(), self.slot_steps.data_ptr(), meta.data_ptr(), rows.data_ptr(),
+                   count, self.geometry.record_bytes)  # slot_steps: the first of each slot's two words
+            return
+        steps = meta[:, 0]
+        cuts = (torch.nonzero(steps[1:] != steps[:-1]).flatten() + 1).tolist()
+        for lo, hi in zip([0, *cuts], [*cuts, count]):  # a step's slots are distinct
+            self.write_records(int(steps[lo]), meta[lo:hi, 1].clone(), rows[lo:hi])
+
     def write_records(self, step: int, slots: torch.Tensor, parity: torch.Tensor) -> None:
         """Store one step's parity rows for distinct ``slots`` and mark them durable at ``step``."""
         self.slot_steps[slots] = 0
