@@ -111,9 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
-    if chosen.enabled and "--disable-overlap-schedule" not in sglang_argv:
-        sglang_argv.append("--disable-overlap-schedule")  # a replacement resumes SGLang's plain loop
     server_args = prepare_server_args(sglang_argv)
+    if chosen.enabled and server_args.tp_size > 1 and not server_args.disable_overlap_schedule:
+        # A replacement rank resumes SGLang's plain loop; one rank alone has no survivor to rejoin.
+        server_args = prepare_server_args([*sglang_argv, "--disable-overlap-schedule"])
     try:
         chosen.check_topology(server_args.tp_size, server_args.pp_size, server_args.dp_size)
         if chosen.enabled and server_args.speculative_algorithm:
