@@ -3,18 +3,12 @@ capture queue's byte bound, captures in parts, and scrub and rebuild in parts.""
 
 from __future__ import annotations
 
-import signal
 import threading
-import types
-import uuid
 
 import pytest
 import torch
-from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+from protector_rig import make_protector, stop, written
 
-from ghostserve_sglang.settings import Settings
-from ghostserve_sglang.sglang.protector import Protector
 from ghostserve_sglang.sglang.work_queue import WorkQueue
 
 SLOTS = 256
@@ -23,31 +17,9 @@ PART = 16  # 1 MiB queue / (4 parts x 16 KiB a slot: 4 layers x K and V x 8 head
 
 @pytest.fixture(scope="module")
 def protector():
-    pool = MHATokenToKVPool(SLOTS, page_size=1, dtype=torch.float32, head_num=8, head_dim=64, layer_num=4,
-                            device="cpu", enable_memory_saver=False, enable_alt_stream=False)
-    allocator = TokenToKVPoolAllocator(SLOTS, dtype=torch.float32, device="cpu", kvcache=pool,
-                                       need_sort=False)
-    runner = types.SimpleNamespace(token_to_kv_pool=pool, token_to_kv_pool_allocator=allocator)
-    group = types.SimpleNamespace(rank_in_group=0, world_size=1, ranks=[0])
-    settings = Settings.from_values({"code": "replicate", "capture_queue_mib": "1", "strict": "1",
-                                     "enable_fault_injection": "1"})
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    p = Protector(settings, runner, f"test-{uuid.uuid4().hex[:12]}", group)
+    p = make_protector(capture_queue_mib="1")
     yield p
-    p.close()
-    p.unlink_files()
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-
-
-def written(p: Protector, count: int, seed: int) -> torch.Tensor:
-    """Allocate ``count`` slots, fill their KV with seeded bytes in every layer, and capture them."""
-    slots = p.allocator.alloc(count)
-    generator = torch.Generator().manual_seed(seed)
-    for buffer in (*p.kv.pool.k_buffer, *p.kv.pool.v_buffer):
-        buffer[slots] = torch.randn(buffer[slots].shape, generator=generator)
-    p.record_write(slots)
-    return slots
+    stop(p)
 
 
 def test_a_write_larger_than_a_quarter_of_the_queue_is_captured_in_parts(protector):

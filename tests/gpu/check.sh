@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Device checks for the codec, the host store, the Triton kernels at real sizes and a protected server,
-# for a machine with one CUDA GPU (well under 8 minutes). Uses the machine's own torch and Triton;
-# writes its outputs under ${OUT:-results/gpu}. Every step runs (with its own time limit) even when an
-# earlier one fails; the last lines summarise them, and the exit status is 1 when any failed.
+# Device checks for one CUDA GPU, under 8 minutes in all: the Triton kernels at real sizes, the stream
+# ordering of every hand-over, the host store's GPU path, protected TP=1 servers (CUDA graphs and the
+# overlapped loop on), and the checkpoint path at the paper's scale against replicate. Uses the
+# machine's own torch, Triton and SGLang; writes its outputs under ${OUT:-results/gpu}. Every step runs
+# (with its own time limit) even when an earlier one fails; the last lines summarise them, and the exit
+# status is 1 when any failed, preflight included.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-results/gpu}
@@ -19,19 +21,27 @@ step() {  # step NAME LOG SECONDS COMMAND...
   summary+=("$name: exit $rc in $((SECONDS - started)) s")
 }
 
-{
-  date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
-} 2>&1 | tee "$out/machine.txt"
-step "codec Triton tests" codec-triton-tests.log 100 \
+preflight() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader || return 1
+  python3 -c 'import sys, torch, triton; assert torch.cuda.is_available(), "torch sees no GPU"; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())' || return 1
+  python3 -c 'import sglang; print("sglang", sglang.__version__)' || return 1
+  local free_mib
+  free_mib=$(df --output=avail -m /dev/shm | tail -1)
+  echo "/dev/shm free: $free_mib MiB"
+  [ "$free_mib" -ge 4096 ] || { echo "/dev/shm has under 4 GiB free; the server checks need more"; return 1; }
+}
+
+started=$SECONDS
+{ date -u; preflight; } 2>&1 | tee "$out/machine.txt"
+summary+=("preflight: exit ${PIPESTATUS[0]} in $((SECONDS - started)) s")
+step "codec Triton tests" codec-triton-tests.log 45 \
   python3 -m pytest -q -p no:cacheprovider tests/test_codec_triton.py
-step "codec benchmark" codec-gpu.md 120 \
-  python3 benchmarks/codec_bench.py --device cuda --backends triton,torch --sizes 64KiB,1MiB,16MiB,64MiB \
-  --min-seconds 0.1
-step "host store" store-gpu.log 60 python3 tests/gpu/store_check.py
-step "kernels at real sizes" kernels-gpu.log 90 python3 tests/gpu/kernel_check.py
-step "protected server" server-gpu.log 60 python3 tests/gpu/server_check.py
+step "kernels at real sizes" kernels-gpu.log 60 python3 tests/gpu/kernel_check.py
+step "stream ordering" streams-gpu.log 45 python3 tests/gpu/stream_check.py
+step "host store" store-gpu.log 30 python3 tests/gpu/store_check.py
+step "protected servers" server-gpu.log 240 python3 tests/gpu/server_check.py
+step "checkpoint path vs replicate" checkpoint-gpu.md 60 \
+  python3 benchmarks/checkpoint_bench.py --device cuda --tokens 2048 --repeats 5
 
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
 ! grep -qv ': exit 0 in' "$out/summary.txt"

@@ -1,6 +1,7 @@
 """Device check for the Triton kernels at the sizes a real KV cache has (needs no SGLang):
 
-1. the KV gather reads the same bytes as torch's index_select, on a pool whose layers exceed 2 GiB
+1. the KV gather reads the same bytes as torch's index_select, on a Llama-8B-shaped pool of 200k slots
+   in bf16 and in fp8 (first, highest and random slots), and on a pool whose layers exceed 2 GiB
    (slot offsets that need 64-bit arithmetic);
 2. the GF(2^8) product gives the torch reference's bytes when a source or output row starts more than
    2^31 bytes into its allocation (row offsets that need 64-bit arithmetic).
@@ -24,6 +25,32 @@ from ghostserve_sglang.codec import new_code  # noqa: E402
 from ghostserve_sglang.sglang.kv import KVView  # noqa: E402
 
 GIB = 1 << 30
+
+
+def gather_on_a_realistic_pool(dtype: torch.dtype) -> bool:
+    """A Llama-8B-shaped pool (32 layers, 8 KV heads x 128) of 200k slots: the Triton gather reads the
+    same bytes as index_select, for the first, the highest and random slots."""
+    slots, heads, head_dim, layers = 200_000, 8, 128, 32
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    buffers = [[torch.randint(0, 256, (slots + 1, heads, head_dim * dtype.itemsize), dtype=torch.uint8,
+                              device="cuda", generator=generator).view(dtype) for _ in range(layers)]
+               for _ in range(2)]
+    pool = types.SimpleNamespace(k_buffer=buffers[0], v_buffer=buffers[1])
+    view = KVView(pool)
+    picked = torch.cat([torch.tensor([1, 2, slots - 1, slots], device="cuda"),
+                        torch.randint(1, slots + 1, (8188,), device="cuda", generator=generator)])
+    same = torch.equal(view.gather(picked, use_triton=True), view.gather(picked, use_triton=False))
+    del buffers, pool, view
+    torch.cuda.empty_cache()
+    return same
+
+
+def gather_realistic_bf16() -> bool:
+    return gather_on_a_realistic_pool(torch.bfloat16)
+
+
+def gather_realistic_fp8() -> bool:
+    return gather_on_a_realistic_pool(torch.float8_e4m3fn)
 
 
 def gather_over_2gib_layers() -> bool:
@@ -61,7 +88,8 @@ def gf_product_over_2gib_rows() -> bool:
 def main() -> int:
     assert torch.cuda.is_available(), "no CUDA device"
     failed = 0
-    for check in (gather_over_2gib_layers, gf_product_over_2gib_rows):
+    for check in (gather_realistic_bf16, gather_realistic_fp8, gather_over_2gib_layers,
+                  gf_product_over_2gib_rows):
         ok = check()
         failed += not ok
         print(f"{check.__name__}: {'PASS' if ok else 'FAIL'}", flush=True)
