@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.request
 
-from . import logs, settings
+from . import logs, refusal, settings
 from .control import socket_path
 from .settings import SettingsError
 from .sglang import cpu_compat, membership
@@ -144,12 +144,19 @@ def main(argv: list[str] | None = None) -> None:
             _fail(exc)
         threading.Thread(target=_announce_when_ready, args=(server_args, instance_id),
                          daemon=True).start()
+    refused = None
     try:
         run_server(server_args)
+    except Exception:
+        refused = refusal.take(instance_id) if chosen.enabled else None
+        if refused is None:
+            raise
     finally:
         kill_process_tree(os.getpid(), include_parent=False)
         if chosen.enabled:
             _clean_up(instance_id)
+    if refused is not None:
+        _fail(refused)
 
 
 def _clean_up(instance_id: str) -> None:
@@ -157,6 +164,7 @@ def _clean_up(instance_id: str) -> None:
     for path in remove_orphans(instance_id):
         print(f"ghostserve: removed {path}", file=sys.stderr)
     membership.remove(instance_id)
+    refusal.take(instance_id)
     stale_socket = socket_path(instance_id)
     if os.path.exists(stale_socket):
         os.unlink(stale_socket)

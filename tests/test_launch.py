@@ -77,3 +77,27 @@ def test_banner_offers_text_chat_and_metrics_when_the_server_has_them():
     args.skip_tokenizer_init, args.enable_metrics = True, False
     banner = launch._banner(args, "30000")
     assert '"input_ids": ' in banner and "chat:" not in banner and "add --enable-metrics" in banner
+
+
+def test_a_parity_store_larger_than_dev_shm_is_refused_at_start_in_one_line():
+    # The server starts for real: the ranks find at scheduler start that their store cannot fit.
+    import os
+    import subprocess
+    import sys
+
+    from ghostserve_sglang.local_server import CPU_FLAGS, free_port
+
+    stat = os.statvfs("/dev/shm")
+    too_much = (stat.f_bavail * stat.f_frsize >> 20) + 1024  # MiB of staging ring alone
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTSERVE_")}
+    result = subprocess.run([sys.executable, "-m", "ghostserve_sglang.launch", *BASE, *CPU_FLAGS[2:],
+                             "--tp-size", "2", "--port", str(port), "--ghost-staging-mib", str(too_much)],
+                            capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ghostserve: error: the parity store of one rank needs "), last
+    assert "/dev/shm" in last and "--ghost-staging-mib" in last
+    assert "Traceback" not in result.stderr
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"ghostserve-{port}")]
+    assert subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True).stdout == b""

@@ -14,8 +14,10 @@ import time
 import structlog
 import torch
 
+from .. import refusal
 from ..control import ControlRequest
 from ..settings import Settings
+from ..store import StoreError
 from . import drills, handover
 from .kv import UnsupportedPool
 
@@ -72,12 +74,15 @@ def scheduler_init(wrapped, instance, args, kwargs):
     started = time.time()
     with rejoin.MEMBERS.transcript.recording():
         wrapped(*args, **kwargs)
-        if getattr(instance, "draft_worker", None) is not None:
-            raise UnsupportedPool("speculative decoding's draft model keeps a KV pool of its own, which "
-                                  "GhostServe does not protect; run without --speculative-algorithm or "
-                                  "with --ghost-code off")
-        STATE.protector = Protector(STATE.settings, instance.tp_worker.model_runner, instance_id,
-                                    get_parallel().tp_group, replacement=generation is not None)
+        try:
+            if getattr(instance, "draft_worker", None) is not None:
+                raise UnsupportedPool("speculative decoding's draft model keeps a KV pool of its own, "
+                                      "which GhostServe does not protect; run without "
+                                      "--speculative-algorithm or with --ghost-code off")
+            STATE.protector = Protector(STATE.settings, instance.tp_worker.model_runner, instance_id,
+                                        get_parallel().tp_group, replacement=generation is not None)
+        except (UnsupportedPool, StoreError) as exc:
+            refusal.refuse(instance_id, get_parallel().tp_group.rank_in_group, str(exc))
     STATE.protector.scheduler = instance
     if generation is not None:
         noticed = rejoin.membership.read(instance_id)["noticed_at"]

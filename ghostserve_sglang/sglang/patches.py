@@ -32,16 +32,20 @@ class PatchError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Target:
     module: str
-    qualname: str  # "Class.method"
+    qualname: str  # "Class.method", or "function" for a module-level function
     wrapper: Callable
 
     @property
     def key(self) -> str:
         return f"{self.module}:{self.qualname}"
 
-    def owner(self) -> tuple[type, str]:
+    def owner(self) -> tuple[object, str]:
+        """What holds the target (its class, or its module) and the target's name there."""
+        module = importlib.import_module(self.module)
+        if "." not in self.qualname:
+            return module, self.qualname
         cls_name, attr = self.qualname.split(".")
-        return getattr(importlib.import_module(self.module), cls_name), attr
+        return getattr(module, cls_name), attr
 
 
 TARGETS = (
@@ -83,6 +87,7 @@ CPU_TARGETS = (
 MAIN_TARGETS = (
     Target("sglang.srt.entrypoints.engine", "Engine._launch_scheduler_processes",
            supervisor.launch_scheduler_processes),
+    Target("sglang.srt.entrypoints.engine", "_wait_for_scheduler_ready", supervisor.wait_for_scheduler_ready),
     Target("sglang.srt.managers.tokenizer_manager", "SignalHandler.__init__", supervisor.signal_handler_init),
     Target("sglang.srt.managers.tokenizer_manager", "SignalHandler.running_phase_sigquit_handler",
            supervisor.running_phase_sigquit),

@@ -61,6 +61,7 @@ class Supervisor:
         self.started_at = 0.0  # when the scheduler processes were adopted (wall clock)
         self.restarts: dict[int, int] = {}
         self.deaths = 0
+        self.serving = False  # every scheduler reported ready at start
         self.replacing = False  # a replacement has been started and has not joined yet
         self.standing_down = False  # the server is being stopped on purpose
         self.stopping = threading.Event()
@@ -90,7 +91,7 @@ class Supervisor:
     # -- the watch ----------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self.stopping.wait(POLL_SECONDS):
-            dead = self._dead()
+            dead = self._dead() if self.serving else []  # a start that fails is SGLang's to report
             if dead:
                 # A survivor whose collective failed exits too; the one a signal ended is the cause.
                 rank, process = min(dead, key=lambda d: (d[1].exitcode >= 0, d[0]))
@@ -346,6 +347,14 @@ def launch_scheduler_processes(wrapped, instance, args, kwargs):
             ("server_args", "port_args", "run_scheduler_process_func")))
         SUPERVISOR.launch = (target, server_args, port_args)
         SUPERVISOR.adopt(processes)
+    return result
+
+
+def wait_for_scheduler_ready(wrapped, instance, args, kwargs):
+    """``engine._wait_for_scheduler_ready``: from here on the server is up and a death is the
+    supervisor's to handle; before it, SGLang's start-up sees the death and fails the start."""
+    result = wrapped(*args, **kwargs)
+    SUPERVISOR.serving = True
     return result
 
 

@@ -1,0 +1,46 @@
+"""A protected server that GhostServe refuses at start: one line for the operator, no traceback, nothing
+left behind.
+
+A scheduler process that finds, while it starts, something GhostServe cannot protect (an unsupported KV
+pool, a parity store that does not fit its directory) records the reason in the instance's refusal
+file and exits at once with status 2, so SGLang's start-up fails the ordinary way; the launcher then
+stops the server, removes what it left, and prints the recorded line as its error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .store.segment import SHM_DIR
+
+EXIT_STATUS = 2
+
+
+def path(instance_id: str) -> str:
+    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-refused.txt")
+
+
+def refuse(instance_id: str, rank: int, message: str) -> None:
+    """In a scheduler process: record ``message`` (the first rank to refuse wins) and exit."""
+    line = " ".join(message.split())
+    try:
+        fd = os.open(path(instance_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.write(fd, line.encode())
+        os.close(fd)
+    print(f"ghostserve: TP rank {rank} refused to start: {line}", file=sys.stderr, flush=True)
+    os._exit(EXIT_STATUS)
+
+
+def take(instance_id: str) -> str | None:
+    """In the launcher: the recorded refusal, removed; None when no rank refused."""
+    try:
+        with open(path(instance_id)) as f:
+            message = f.read().strip()
+    except FileNotFoundError:
+        return None
+    os.unlink(path(instance_id))
+    return message or None
