@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             _fail(exc)
         threading.Thread(target=_announce_when_ready, args=(server_args, instance_id),
                          daemon=True).start()
+    if chosen.enabled:
+        refusal.take(instance_id)  # a stale record, from a start that was killed
     refused = None
     try:
         run_server(server_args)

@@ -84,6 +84,7 @@ def test_a_parity_store_larger_than_dev_shm_is_refused_at_start_in_one_line():
     import os
     import subprocess
     import sys
+    import time
 
     from ghostserve_sglang.local_server import CPU_FLAGS, free_port
 
@@ -91,13 +92,18 @@ def test_a_parity_store_larger_than_dev_shm_is_refused_at_start_in_one_line():
     too_much = (stat.f_bavail * stat.f_frsize >> 20) + 1024  # MiB of staging ring alone
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTSERVE_")}
-    result = subprocess.run([sys.executable, "-m", "ghostserve_sglang.launch", *BASE, *CPU_FLAGS[2:],
-                             "--tp-size", "2", "--port", str(port), "--ghost-staging-mib", str(too_much)],
-                            capture_output=True, text=True, timeout=400, env=env)
+    launcher = subprocess.Popen([sys.executable, "-m", "ghostserve_sglang.launch", *BASE, *CPU_FLAGS[2:],
+                                 "--tp-size", "2", "--port", str(port), "--ghost-staging-mib", str(too_much)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # its own process group: every child is in it
+    stdout, stderr = launcher.communicate(timeout=400)
+    result = subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("ghostserve: error: the parity store of one rank needs "), last
+    assert last.startswith("ghostserve: error: the parity store needs "), last
     assert "/dev/shm" in last and "--ghost-staging-mib" in last
     assert "Traceback" not in result.stderr
     assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"ghostserve-{port}")]
-    assert subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True).stdout == b""
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-g", str(launcher.pid)], capture_output=True, text=True)
+    assert left.returncode == 1 and left.stdout == "", left.stdout  # 1: no process in its group

@@ -22,17 +22,30 @@ def protector():
     stop(p)
 
 
-def test_a_write_larger_than_a_quarter_of_the_queue_is_captured_in_parts(protector):
+@pytest.fixture
+def sizes(protector, monkeypatch):
+    """The number of slots of every KV gather and scatter the protector makes."""
+    seen = {"gather": [], "scatter": []}
+    for name, calls in seen.items():
+        original = getattr(protector.kv, name)
+        monkeypatch.setattr(protector.kv, name, lambda slots, *a, _o=original, _c=calls, **k: (
+            _c.append(len(slots)), _o(slots, *a, **k))[1])
+    return seen
+
+
+def test_a_write_larger_than_a_quarter_of_the_queue_is_captured_in_parts(protector, sizes):
     assert (protector.queue_bytes, protector.chunk_slots) == (1 << 20, PART)
     before = protector.step
     written(protector, 5 * PART + 1, seed=1)
     assert protector.step - before == 6  # five whole parts and one slot
+    assert sizes["gather"] == [PART] * 5 + [1]
     scrub = protector.call(protector._scrub)
     assert (scrub["live_slots"], scrub["matching"], scrub["mismatching"], scrub["not_durable"]) == (
         5 * PART + 1, 5 * PART + 1, 0, 0)
+    assert sizes["gather"][6:] == [PART] * 5 + [1]  # the scrub too
 
 
-def test_a_lost_kv_is_rebuilt_part_by_part_to_the_same_bytes(protector):
+def test_a_lost_kv_is_rebuilt_part_by_part_to_the_same_bytes(protector, sizes):
     written(protector, 7 * PART + 3, seed=2)
     live = protector.coverage()[0]
     before = protector.kv.gather(live).clone()
@@ -40,6 +53,7 @@ def test_a_lost_kv_is_rebuilt_part_by_part_to_the_same_bytes(protector):
     assert not torch.equal(protector.kv.gather(live), before)
     result = protector.recover(None, [0])
     assert result["outcome"] == "rebuilt" and result["slots_rebuilt"] == len(live)
+    assert sizes["scatter"] and max(sizes["scatter"]) == PART and sum(sizes["scatter"]) == len(live)
     assert torch.equal(protector.kv.gather(live), before)
 
 

@@ -126,10 +126,12 @@ def test_a_paused_drain_under_load_never_blocks_serving_control_or_a_stop(tmp_pa
             futures = [pool.submit(server.generate, *request, 300) for request in load]
             time.sleep(10)
             status = call("status")["ranks"]
+            paused_scrub = call("scrub")  # waits for no paused drain
             assert call("drain", pause=False)["paused"] is False
             outputs = [future.result(timeout=300) for future in futures]
         assert all(len(output["output_ids"]) == 120 for output in outputs)
         assert all(rank["drops"] > 0 for rank in status)  # the ring filled and protection was dropped
+        assert paused_scrub["not_durable"] > 0  # what the paused drain held or dropped
         assert "capture_part_slots=170" in server.log()  # 1 MiB / (4 x 1536 bytes a slot)
         server.post("/flush_cache")
         run_concurrently(server, load[:4])  # a running drain protects every write again

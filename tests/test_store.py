@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -270,6 +271,8 @@ def test_a_paused_drain_never_blocks_the_producer_it_drops_and_counts(instance, 
     drain.submit(1, slots, rows(1, slots))  # returns: 8 staged, 12 dropped
     counters = drain.counters()
     assert (counters.stalls, counters.drops, counters.dropped_records) == (1, 1, 12)
+    started = time.monotonic()
+    assert drain.flush() is False and time.monotonic() - started < 1  # a flush never waits on a pause
     drain.resume()
     drain.submit(2, slots[:4], rows(2, slots[:4]))  # a running drain protects again
     assert drain.flush(5)
@@ -316,6 +319,11 @@ def test_a_store_larger_than_the_free_space_is_refused_up_front_in_one_line(inst
     assert f"{free / 2**20:,.0f} MiB free" in message
     created = ParitySegment.create(instance, 0, GEOMETRY, 64)
     assert check_space(GEOMETRY, ring_entries=64) == created.size_bytes
+    # The ranks of a host share the directory: one rank's store fits, two do not.
+    half = StoreGeometry("xor", 2, 1, "bfloat16", 6, 16, 2, free // (2 * GEOMETRY.record_bytes) + 1)
+    check_space(half, ring_entries=64, ranks=1)
+    with pytest.raises(StoreError, match="for 2 rank"):
+        check_space(half, ring_entries=64, ranks=2)
 
 
 def test_the_native_batch_write_gives_the_python_writes_bytes_and_checksums(instance, monkeypatch):

@@ -95,7 +95,7 @@ class Protector:
         if replacement:  # the dead rank's segment holds the parity this rank's rebuild needs
             existing = "attach" if os.path.exists(segment_path(instance_id, self.rank, directory)) else "fail"
         if not os.path.exists(segment_path(instance_id, self.rank, directory)):
-            check_space(self.geometry, ring_entries, directory)
+            check_space(self.geometry, ring_entries, directory, ranks=self.ranks)
         self.segment = ParitySegment.create(instance_id, self.rank, self.geometry, ring_entries,
                                             existing=existing, directory=directory)
         self.drain = ParityDrain(self.segment, settings.stall_timeout_seconds, settings.on_full,
@@ -126,7 +126,8 @@ class Protector:
 
         self.metrics = Metrics(self.rank, settings.code)
         self.metrics.set("ghostserve_host_store_capacity_bytes", self.segment.size_bytes)
-        threading.Thread(target=self._report, name="ghostserve-metrics", daemon=True).start()
+        self._reporter = threading.Thread(target=self._report, name="ghostserve-metrics", daemon=True)
+        self._reporter.start()
         atexit.register(self.close)
         for signum in (signal.SIGTERM, signal.SIGINT):  # a stop; a replacement of a rank stopped
             self._unlink_on(signum)  # this way starts without parity and recomputes
@@ -229,9 +230,16 @@ class Protector:
     def call(self, fn):
         """Run ``fn`` on the worker thread after every step queued before it; return its result."""
         box: queue.Queue = queue.Queue(maxsize=1)
+        stopped = RuntimeError("GhostServe's worker has stopped; the server is shutting down")
         if not self._queue.put(("call", fn, box)):
-            raise RuntimeError("GhostServe's worker has stopped; the server is shutting down")
-        result = box.get()
+            raise stopped
+        while True:
+            try:
+                result = box.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._worker.is_alive():
+                    raise stopped from self._failure
         if isinstance(result, BaseException):
             raise result
         return result
@@ -271,14 +279,19 @@ class Protector:
                 os.unlink(path)
 
     def close(self) -> None:
-        """Stop the worker and the drain without waiting for queued work (never blocks for long)."""
+        """Stop the worker and the drain without waiting for queued work (bounded waits). The host
+        segment is unmapped only once nothing can touch it any more."""
         if self.closed:
             return
         self.closed = True
-        self._queue.close()
-        self.drain.stop(flush=False)  # also releases a worker waiting on a full ring
+        for _, _, box in (i for i in self._queue.close() if i[0] == "call"):
+            box.put(RuntimeError("GhostServe is shutting down"))
+        self.drain.pause()  # a worker waiting for ring room drops its step and goes on
         self._worker.join(timeout=30)
-        self.segment.close()
+        self._reporter.join(timeout=5)
+        drained = self.drain.stop(flush=False, timeout_s=30)
+        if drained and not self._worker.is_alive() and not self._reporter.is_alive():
+            self.segment.close()
         if self.control is not None:
             self.control.close()
         if not membership.supervised():  # else a replacement re-attaches; the launcher removes them
@@ -289,30 +302,27 @@ class Protector:
         stream = torch.cuda.stream(self._stream) if self._stream is not None else None
         if stream is not None:
             stream.__enter__()
-        while (item := self._queue.get()) is not None:
+        while True:
+            try:
+                item = self._queue.get()
+            except Exception as exc:  # the device failed under the wait: nothing more can be done
+                self._failure = exc
+                self.count_error("worker", exc)
+                for _, _, box in (i for i in self._queue.close() if i[0] == "call"):
+                    box.put(RuntimeError(f"GhostServe's worker failed: {exc!r}"))
+                return
+            if item is None:
+                return
             kind = item[0]
             try:
                 if kind == "step" and self.holding:
                     self.steps_lost_with_peer += 1
                 elif kind == "step":
-                    _, step, slots, rows, captured_at = item
-                    started = time.perf_counter()
-                    keep = slots.cpu() != 0  # slot 0 takes padded tokens' writes; never live
-                    slots, rows = slots.cpu()[keep], rows[keep.to(rows.device)]
-                    records = self.encode(rows)
-                    self.drain.submit(step, slots, records, captured_at)
-                    self.metrics.add("ghostserve_parity_produced_bytes_total", records.numel())
-                    self.seconds["worker"] += time.perf_counter() - started
+                    self._encode_step(*item[1:])
                 elif kind == "free":
                     self.drain.invalidate(item[1].cpu())
                 elif kind == "call":
-                    try:
-                        result = item[1]()
-                        if self._stream is not None:  # its KV writes are done before SGLang goes on
-                            self._stream.synchronize()
-                        item[2].put(result)
-                    except Exception as exc:  # answered to the caller, who raises it
-                        item[2].put(exc)
+                    item[2].put(self._run_call(item[1]))
             except Exception as exc:
                 if membership.supervised() and peer_lost(exc):  # the scheduler thread holds too
                     self.steps_lost_with_peer += 1
@@ -320,7 +330,31 @@ class Protector:
                     self._failure = exc
                     self.count_error("worker", exc)
             finally:
+                item = None  # its tensors no longer count against the queue's bound
                 self._queue.done()
+
+    def _run_call(self, fn):
+        """``fn``'s result, or its exception (the caller raises it), once the device work it queued
+        on this stream has finished: SGLang's next forward never sees KV half written."""
+        try:
+            result = fn()
+        except Exception as exc:
+            result = exc
+        if self._stream is not None:
+            try:
+                self._stream.synchronize()
+            except Exception as exc:
+                result = exc
+        return result
+
+    def _encode_step(self, step: int, slots: torch.Tensor, rows: torch.Tensor, captured_at: float) -> None:
+        started = time.perf_counter()
+        keep = slots.cpu() != 0  # slot 0 takes padded tokens' writes; never live
+        slots, rows = slots.cpu()[keep], rows[keep.to(rows.device)]
+        records = self.encode(rows)
+        self.drain.submit(step, slots, records, captured_at)
+        self.metrics.add("ghostserve_parity_produced_bytes_total", records.numel())
+        self.seconds["worker"] += time.perf_counter() - started
 
     def _report(self, period_s: float = 1.0) -> None:
         """Refresh the metrics every ``period_s`` (also while idle, so lag is seen to return to 0) and log

@@ -79,11 +79,14 @@ class WorkQueue:
             self._held = 0
             self._cv.notify_all()
 
-    def close(self) -> None:
+    def close(self) -> list[tuple]:
+        """Stop: nothing more is queued or handed out. Returns the items that were still waiting."""
         with self._cv:
             self._closed = True
+            dropped = [item for item, _, _ in self._items]
             self._items.clear()
             self._cv.notify_all()
+            return dropped
 
     @property
     def queued_bytes(self) -> int:

@@ -153,11 +153,12 @@ class ParityDrain:
             self._counters.stalls += 1
             deadline = started + self.stall_timeout_s
             while self._head - self._tail >= cap:
+                if self._paused or self._stopping:
+                    break  # nothing frees room: drop now rather than slow every step
                 remaining = deadline - time.monotonic()
-                gives_up = self.on_full == "drop" or self._paused or self._stopping
-                if gives_up and remaining <= 0:
+                if self.on_full == "drop" and remaining <= 0:
                     break
-                self._cv.wait(max(0.0, remaining) if gives_up else 0.1)
+                self._cv.wait(max(0.0, remaining) if self.on_full == "drop" else 0.1)
                 self._raise_if_failed()
             self._counters.stall_seconds += time.monotonic() - started
             return cap - (self._head - self._tail)
@@ -172,12 +173,13 @@ class ParityDrain:
         self.invalidate(slots)
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything submitted is durable; False if ``timeout_s`` passed first."""
+        """Wait until everything submitted is durable; False if ``timeout_s`` passed first, or at once
+        while the drain is paused or stopping (it would never be)."""
         with self._cv:
-            done = self._cv.wait_for(
-                lambda: self.segment.watermark >= self._last_step or self._failure is not None, timeout_s)
+            self._cv.wait_for(lambda: self.segment.watermark >= self._last_step or self._paused
+                              or self._stopping or self._failure is not None, timeout_s)
             self._raise_if_failed()
-            return done
+            return self.segment.watermark >= self._last_step
 
     def discard_pending(self) -> int:
         """Forget every staged record not yet in the table, as when the device that produced them
@@ -209,14 +211,21 @@ class ParityDrain:
             self._paused = False
             self._cv.notify_all()
 
-    def stop(self, flush: bool = True) -> None:
+    def stop(self, flush: bool = True, timeout_s: float | None = None) -> bool:
+        """Stop the drain thread (after a flush, if asked) and wait for copies still in flight into
+        the ring. False if the thread had not ended within ``timeout_s``."""
         if flush and not self._paused:
             self.flush()
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
         if self._thread.ident is not None:  # started
-            self._thread.join()
+            self._thread.join(timeout_s)
+        with self._cv:
+            pending = [event for _, _, event in self._copies]
+        for event in pending:
+            event.synchronize()
+        return not self._thread.is_alive()
 
     def latencies(self) -> list[float]:
         """Checkpoint latency (captured -> durable, seconds) of the most recent steps, oldest first."""

@@ -46,31 +46,32 @@ def _build(target: Path) -> None:
 
 @functools.cache
 def batch_writer():
-    """``write(table, slot_words, meta, rows, n, record_bytes)`` on tensors' addresses, or None when
-    the C part cannot be built here."""
+    """``write(table, slot_words, slots, meta, rows, n, record_bytes)`` on tensors' addresses (returns
+    how many entries named a slot out of range), or None when the C part cannot be built here."""
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
     target = _cache_dir() / f"records-{digest}.so"
     try:
         if not target.exists():
             _build(target)
         lib = ctypes.CDLL(str(target))
+        isal = load_library()
+        if isal is not None:
+            crc, is_isal = ctypes.cast(isal.crc32_gzip_refl, ctypes.c_void_p).value, 1
+        else:
+            zlib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
+            crc, is_isal = ctypes.cast(zlib.crc32, ctypes.c_void_p).value, 0
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         log.warning("the drain writes records from Python (slower, holds the GIL): its C part could not "
-                    "be built", error=str(detail).strip().splitlines()[-1:] or repr(exc))
+                    "be built or loaded", error=str(detail).strip().splitlines()[-1:] or repr(exc))
         return None
     function = lib.ghost_write_records
-    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                                 ctypes.c_int]
-    function.restype = None
-    isal = load_library()
-    if isal is not None:
-        crc, is_isal = ctypes.cast(isal.crc32_gzip_refl, ctypes.c_void_p).value, 1
-    else:
-        zlib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
-        crc, is_isal = ctypes.cast(zlib.crc32, ctypes.c_void_p).value, 0
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    function.restype = ctypes.c_int64
 
-    def write(table: int, slot_words: int, meta: int, rows: int, n: int, record_bytes: int) -> None:
-        function(table, slot_words, meta, rows, n, record_bytes, crc, is_isal)
+    def write(table: int, slot_words: int, slots: int, meta: int, rows: int, n: int,
+              record_bytes: int) -> int:
+        return function(table, slot_words, slots, meta, rows, n, record_bytes, crc, is_isal)
 
     return write

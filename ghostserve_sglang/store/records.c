@@ -25,12 +25,17 @@ static uint32_t crc32_of(void *fn, int isal, uint32_t crc, const unsigned char *
 }
 
 /* slot_words: per slot (durable step, CRC) as int64; meta: n pairs (step, slot) as int64; rows: n
- * records of record_bytes. */
-void ghost_write_records(unsigned char *table, int64_t *slot_words, const int64_t *meta,
-                         const unsigned char *rows, int64_t n, int64_t record_bytes, void *crc_fn,
-                         int isal) {
+ * records of record_bytes. Returns how many entries named a slot outside [0, slots) (not written). */
+int64_t ghost_write_records(unsigned char *table, int64_t *slot_words, int64_t slots,
+                            const int64_t *meta, const unsigned char *rows, int64_t n,
+                            int64_t record_bytes, void *crc_fn, int isal) {
+    int64_t refused = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t step = meta[2 * i], slot = meta[2 * i + 1];
+        if (slot < 0 || slot >= slots) {
+            refused++;
+            continue;
+        }
         unsigned char key[16];
         unsigned char *dst = table + slot * record_bytes;
         int64_t *slot_step = &slot_words[2 * slot], *slot_crc = &slot_words[2 * slot + 1];
@@ -43,4 +48,5 @@ void ghost_write_records(unsigned char *table, int64_t *slot_words, const int64_
         *slot_crc = crc32_of(crc_fn, isal, crc, dst, (uint64_t)record_bytes);
         __atomic_store_n(slot_step, step, __ATOMIC_RELEASE);
     }
+    return refused;
 }

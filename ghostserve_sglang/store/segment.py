@@ -72,18 +72,19 @@ def _layout(geometry: StoreGeometry, ring_entries: int) -> tuple[dict[str, int],
     return offsets, _align(offsets["ring"] + record * ring_entries)
 
 
-def check_space(geometry: StoreGeometry, ring_entries: int, directory: str = SHM_DIR) -> int:
-    """Refuse, in one line naming the need and the fixes, a segment that ``directory`` has no room for
-    (its pages are committed as parity arrives, so a shortfall would surface later as a crash). Returns
-    the segment's size."""
+def check_space(geometry: StoreGeometry, ring_entries: int, directory: str = SHM_DIR, ranks: int = 1) -> int:
+    """Refuse, in one line naming the need and the fixes, segments for ``ranks`` ranks of this host
+    that ``directory`` has no room for (their pages are committed as parity arrives, so a shortfall
+    would surface later as a crash). Returns one segment's size."""
     need = _layout(geometry, ring_entries)[1]
     stat = os.statvfs(directory)
     free = stat.f_bavail * stat.f_frsize
-    if need > free:
+    if ranks * need > free:
         mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
-        raise StoreError(f"the parity store of one rank needs {mib(need)} in {directory}, which has "
-                         f"{mib(free)} free; enlarge it (docker run --shm-size, or mount -o remount,size=... "
-                         f"{directory}), or lower --max-total-tokens or --ghost-staging-mib")
+        raise StoreError(f"the parity store needs {mib(need)} per rank, {mib(ranks * need)} for {ranks} "
+                         f"rank(s), in {directory}, which has {mib(free)} free; enlarge it (docker run "
+                         f"--shm-size, or mount -o remount,size=... {directory}), or lower "
+                         "--max-total-tokens or --ghost-staging-mib")
     return need
 
 
@@ -274,8 +275,10 @@ class ParitySegment:
         meta, rows = self.ring_meta[index : index + count], self.ring[index : index + count]
         writer = native.batch_writer()
         if writer is not None:
-            writer(self.table.data_ptr(), self.slot_steps.data_ptr(), meta.data_ptr(), rows.data_ptr(),
-                   count, self.geometry.record_bytes)  # slot_steps: the first of each slot's two words
+            refused = writer(self.table.data_ptr(), self.slot_steps.data_ptr(), self.geometry.slots,
+                             meta.data_ptr(), rows.data_ptr(), count, self.geometry.record_bytes)
+            if refused:  # slot_steps above: the first of each slot's two words
+                raise StoreError(f"{refused} staged records name a slot outside 0..{self.geometry.slots - 1}")
             return
         steps = meta[:, 0]
         cuts = (torch.nonzero(steps[1:] != steps[:-1]).flatten() + 1).tolist()
@@ -301,7 +304,9 @@ class ParitySegment:
         slots = torch.as_tensor(slots, dtype=torch.int64)
         steps = self.slot_steps[slots].clone()
         parity = self.table[slots].clone()
-        usable = (steps > 0) & (steps <= self.watermark)
+        # A record rewritten while it was copied (the drain runs beside a read) is not usable; it
+        # is not corrupt either.
+        usable = (steps > 0) & (steps <= self.watermark) & (self.slot_steps[slots] == steps)
         corrupt = []
         for i, (slot, step) in enumerate(zip(slots.tolist(), steps.tolist())):
             if usable[i] and _record_crc(step, slot, parity[i]) != int(

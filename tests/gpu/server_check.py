@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -82,16 +83,31 @@ def clean(server, name: str) -> bool:
     return ok
 
 
-def fault_mid_decode(server) -> bool:
+def fault_mid_decode(server, after_tokens: int = 100) -> bool:
+    """The long request streamed; once ``after_tokens`` have arrived, rank 0's KV is destroyed and
+    rebuilt while the request goes on."""
     reference = server.generate(*LONG)["output_ids"]
-    timer = threading.Timer(0.5, lambda: print(json.dumps(server.control("inject-fault", ranks=[0]))))
-    timer.start()
-    faulted = server.generate(*LONG, stream=True)["output_ids"]
-    timer.join()
+    body = {"input_ids": LONG[0], "stream": True,
+            "sampling_params": {"max_new_tokens": LONG[1], "temperature": 0, "ignore_eos": True}}
+    request = urllib.request.Request(server.url + "/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    fault, last = None, {}
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for line in response:
+            data = line.decode().strip().removeprefix("data:").strip()
+            if not data or data == "[DONE]":
+                continue
+            last = json.loads(data)
+            if fault is None and len(last["output_ids"]) >= after_tokens:
+                fault = threading.Thread(target=lambda: print(json.dumps(
+                    server.control("inject-fault", ranks=[0]))))
+                fault.start()
+                at = len(last["output_ids"])
+    fault.join()
     recoveries = server.control("status")["ranks"][0]["recoveries"]
-    ok = faulted == reference and recoveries >= 1
-    print(f"fault_mid_decode_same_tokens: {'PASS' if ok else 'FAIL'} ({len(reference)} tokens, "
-          f"{recoveries} recoveries)", flush=True)
+    ok = last["output_ids"] == reference and recoveries >= 1 and at < LONG[1]
+    print(f"fault_mid_decode_same_tokens: {'PASS' if ok else 'FAIL'} (fault after {at} of {len(reference)} "
+          f"tokens, {recoveries} recoveries)", flush=True)
     return ok
 
 
