@@ -1,8 +1,9 @@
 """The drain's batch write (``records.c``), compiled on first use with the machine's C compiler and
 loaded with ctypes, which releases the GIL for the length of each call.
 
-The shared object is cached under ``$GHOSTSERVE_CACHE_DIR`` (default ``~/.cache/ghostserve-sglang``),
-named by a hash of the source, so it is built once per machine and version. Without a C compiler the
+The shared object is cached in ``native/`` under ``$GHOSTSERVE_CACHE_DIR`` (default
+``~/.cache/ghostserve-sglang``), named by a hash of the source, so it is built once per machine and
+version. Without a C compiler the
 store falls back to writing records from Python, one at a time (logged once); both ways give the same
 bytes.
 """
@@ -29,7 +30,8 @@ SOURCE = Path(__file__).with_name("records.c")
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("GHOSTSERVE_CACHE_DIR", Path.home() / ".cache" / "ghostserve-sglang"))
+    root = os.environ.get("GHOSTSERVE_CACHE_DIR", Path.home() / ".cache" / "ghostserve-sglang")
+    return Path(root) / "native"
 
 
 def _build(target: Path) -> None:
