@@ -5,8 +5,8 @@
 Throughput: steps of parity rows are submitted as fast as the drain takes them and flushed; the bytes
 that became durable per second are compared with ``dst.copy_(src)`` of the same rows, measured in the
 same run, once with the records written from Python one at a time and once by the native batch write.
-Beside each, a pure-Python loop (a stand-in for SGLang's scheduler thread) counts how much of its
-speed the drain's hold on the GIL leaves it. Lag: steps are submitted at ``--rate`` steps per second
+GIL: for each, a full staging ring is drained while a pure-Python loop (a stand-in for SGLang's
+scheduler thread) runs beside it: how long the drain takes, and how much of its speed the loop keeps. Lag: steps are submitted at ``--rate`` steps per second
 and the watermark's lag behind the last submitted step is sampled after every submit (p50/p99, in
 steps and seconds).
 """
@@ -33,31 +33,57 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def python_rate(seconds: float, stop: threading.Event | None = None) -> float:
-    """Iterations per second of a pure-Python loop (a stand-in for SGLang's scheduler thread)."""
+def python_rate(stop: threading.Event) -> float:
+    """Iterations per second of a pure-Python loop (a stand-in for SGLang's scheduler thread) until
+    ``stop`` is set."""
     count, start = 0, time.perf_counter()
-    while not stop.is_set() if stop is not None else time.perf_counter() - start < seconds:
+    while not stop.is_set():
         count += 1
     return count / (time.perf_counter() - start)
 
 
-def throughput(drain: ParityDrain, rows: torch.Tensor, step: int, seconds: float):
-    """Submit steps as fast as the drain takes them for ``seconds``, with a Python loop running in
-    another thread; returns (durable bytes/s, loop iterations/s, steps), and the last step."""
-    n, gen = len(rows), torch.Generator().manual_seed(0)
-    before, first = drain.counters().bytes_drained, step
+def loop_beside(work) -> tuple[float, float]:
+    """Run ``work()`` while a Python loop runs in another thread: (seconds work took, loop rate)."""
     stop, rate = threading.Event(), []
-    loop = threading.Thread(target=lambda: rate.append(python_rate(seconds, stop)))
+    loop = threading.Thread(target=lambda: rate.append(python_rate(stop)))
     loop.start()
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step += 1
-        drain.submit(step, torch.randperm(GEOMETRY.slots, generator=gen)[:n], rows)
-    drain.flush()
-    elapsed = time.perf_counter() - start
+    started = time.perf_counter()
+    work()
+    elapsed = time.perf_counter() - started
     stop.set()
     loop.join()
-    return ((drain.counters().bytes_drained - before) / elapsed, rate[0], step - first), step
+    return elapsed, rate[0]
+
+
+def throughput(segment: ParitySegment, rows: torch.Tensor, step: int, seconds: float) -> tuple:
+    """Submit steps as fast as a running drain takes them for ``seconds``, then flush: durable bytes
+    per second, steps, and the last step."""
+    drain, gen = ParityDrain(segment).start(), torch.Generator().manual_seed(0)
+    first, start = step, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step += 1
+        drain.submit(step, torch.randperm(GEOMETRY.slots, generator=gen)[:len(rows)], rows)
+    drain.flush()
+    rate = drain.counters().bytes_drained / (time.perf_counter() - start)
+    drain.stop()
+    return rate, step - first, step
+
+
+def gil_share(segment: ParitySegment, rows: torch.Tensor, step: int) -> tuple:
+    """Fill the ring with the drain not yet running, then drain it beside a Python loop: the loop's
+    iterations per second while the drain works, and the last step."""
+    drain, gen = ParityDrain(segment), torch.Generator().manual_seed(1)
+    for _ in range(segment.ring_entries // len(rows)):
+        step += 1
+        drain.submit(step, torch.randperm(GEOMETRY.slots, generator=gen)[:len(rows)], rows)
+
+    def work() -> None:
+        drain.start()
+        drain.flush()
+
+    seconds, rate = loop_beside(work)
+    drain.stop()
+    return rate, seconds, step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,32 +100,35 @@ def main(argv: list[str] | None = None) -> None:
     print(f"geometry: {GEOMETRY.code} N={GEOMETRY.ranks} m={GEOMETRY.parity_shards}, {record} parity "
           f"bytes per slot, {n} slots per step ({n * record / 2**20:.2f} MiB per step)")
 
-    segment = ParitySegment.create(f"bench-{uuid.uuid4().hex[:8]}", 0, GEOMETRY, ring_entries=16 * n)
+    segment = ParitySegment.create(f"bench-{uuid.uuid4().hex[:8]}", 0, GEOMETRY, ring_entries=64 * n)
     try:
         rows = torch.randint(0, 256, (n, record), dtype=torch.uint8)
-        alone = python_rate(args.seconds)
+        _, alone = loop_beside(lambda: time.sleep(args.seconds))
         step, results, built = 0, {}, native.batch_writer
         # The drain's record writes: from Python, one record per call (as on a machine without a C
         # compiler), or one native call per batch that releases the GIL.
         for path, writer in (("python", lambda: None), ("native", built)):
             native.batch_writer = writer
-            drain = ParityDrain(segment).start()
-            results[path], step = throughput(drain, rows, step, args.seconds)
-            drain.stop()
+            rate, steps, step = throughput(segment, rows, step, args.seconds)
+            loop, seconds, step = gil_share(segment, rows, step)
+            results[path] = (rate, steps, loop, seconds)
         native.batch_writer = built
         # The baseline writes the same rows over a buffer as large as the store's table, so that
         # neither side is flattered by the CPU caches.
         dst = torch.empty((GEOMETRY.slots // n, n, record), dtype=torch.uint8)
-        copies = results["native"][2]
+        copies = results["native"][1]
         start = time.perf_counter()
         for copy in range(copies):
             dst[copy % len(dst)].copy_(rows)
         memcpy = copies * rows.numel() / (time.perf_counter() - start)
-        print(f"\nPython loop alone: {alone / 1e6:.2f} M iterations/s")
-        for path, (rate, loop, steps) in results.items():
-            print(f"throughput ({path} record writes): {rate / 1e9:.2f} GB/s durable vs memcpy "
-                  f"{memcpy / 1e9:.2f} GB/s of the same rows: ratio {rate / memcpy:.3f} ({steps} steps); "
-                  f"a Python thread beside it keeps {loop / alone:.2f} of its speed")
+        ring_mib = segment.ring_entries * record / 2**20
+        print(f"\na Python loop alone: {alone / 1e6:.2f} M iterations/s")
+        for path, (rate, steps, loop, seconds) in results.items():
+            print(f"{path} record writes: {rate / 1e9:.2f} GB/s durable vs memcpy {memcpy / 1e9:.2f} GB/s of "
+                  f"the same rows: ratio {rate / memcpy:.3f} ({steps} steps); beside a busy Python "
+                  f"thread, draining a full ring ({ring_mib:.0f} MiB) took {seconds:.2f} s "
+                  f"({ring_mib / 1024 / seconds:.3f} GiB/s) and the thread kept {loop / alone:.2f} of "
+                  "its speed")
         drain, gen = ParityDrain(segment).start(), torch.Generator().manual_seed(1)
         lag_steps: list[float] = []
         lag_seconds: list[float] = []
