@@ -1,4 +1,5 @@
-"""Drain throughput into the host store next to memcpy, and watermark lag at a given producer rate.
+"""Drain throughput into the host store next to memcpy, its hold on the GIL, and watermark lag at a
+given producer rate.
 
     python benchmarks/drain_bench.py [--rate 200] [--slots-per-step 64] [--seconds 3]
 
@@ -6,9 +7,9 @@ Throughput: steps of parity rows are submitted as fast as the drain takes them a
 that became durable per second are compared with ``dst.copy_(src)`` of the same rows, measured in the
 same run, once with the records written from Python one at a time and once by the native batch write.
 GIL: for each, a full staging ring is drained while a pure-Python loop (a stand-in for SGLang's
-scheduler thread) runs beside it: how long the drain takes, and how much of its speed the loop keeps. Lag: steps are submitted at ``--rate`` steps per second
-and the watermark's lag behind the last submitted step is sampled after every submit (p50/p99, in
-steps and seconds).
+scheduler thread) runs beside it: how long the drain takes, and how much of its speed the loop keeps.
+Lag: steps are submitted at ``--rate`` steps per second and the watermark's lag behind the last
+submitted step is sampled after every submit (p50/p99, in steps and seconds).
 """
 
 from __future__ import annotations
