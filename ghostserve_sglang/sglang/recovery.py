@@ -67,8 +67,9 @@ def rebuild(p, lost: list[int], recompute_below_tokens: int = 0) -> dict:
 
     good, records = live[ok], stored.parity[ok]
     n, layers = len(good), p.kv.layers
-    # In parts of at most chunk_slots slots (bounded device memory), the same parts on every rank.
-    for part, part_records in zip(good.split(p.chunk_slots), records.split(p.chunk_slots)):
+    # In parts of at most chunk_slots slots (bounded device memory), the same parts on every rank
+    # (splitting nothing would give one empty part).
+    for part, part_records in zip(good.split(p.chunk_slots), records.split(p.chunk_slots)) if n else ():
         if geometry.code != "replicate":
             parity = part_records.view(len(part), layers, geometry.parity_shards, geometry.column_bytes)
             _decode(p, lost, part, parity.to(p.device), phases)
