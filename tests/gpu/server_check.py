@@ -72,7 +72,8 @@ def decode_rate(server) -> float:
 
 def clean(server, name: str) -> bool:
     log = server.log()
-    graphs_and_overlap = "disable_cuda_graph=False" in log and "disable_overlap_schedule=False" in log
+    # SGLang logs its server_args as a dict at start.
+    graphs_and_overlap = "'disable_cuda_graph': False" in log and "'disable_overlap_schedule': False" in log
     scrub, status = server.control("scrub"), server.control("status")
     errors = sum(rank["errors"] for rank in status["ranks"])
     ok = (graphs_and_overlap and scrub["mismatching"] == 0 and scrub["not_durable"] == 0
