@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ghostserve_sglang.local_server import COMMON_FLAGS, launched  # noqa: E402
 
-FLAGS = [*COMMON_FLAGS, "--mem-fraction-static", "0.3", "--cuda-graph-max-bs", "32"]
+FLAGS = [*COMMON_FLAGS, "--mem-fraction-static", "0.3", "--cuda-graph-max-bs-decode", "32"]
 GHOST = ["--ghost-code", "replicate", "--ghost-strict", "1", "--ghost-enable-fault-injection", "1"]
 rng = random.Random(0)
 LOAD = [([rng.randrange(3, 1000) for _ in range(rng.randrange(60, 400))], 64) for _ in range(32)]
