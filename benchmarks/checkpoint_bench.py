@@ -20,12 +20,12 @@ import time
 import types
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 
 from ghostserve_sglang.codec import new_code  # noqa: E402
 from ghostserve_sglang.sglang.kv import KVView  # noqa: E402
+from ghostserve_sglang.sglang.protector import cut_columns  # noqa: E402
 from ghostserve_sglang.store.geometry import StoreGeometry  # noqa: E402
 
 SHAPES = {"llama-8b": (32, 8, 128), "llama-70b": (80, 8, 128), "tiny": (2, 4, 16)}  # layers, KV heads, dim
@@ -68,8 +68,7 @@ def one_step(ranks: list[Rank], slots: torch.Tensor, code: str, m: int, host: li
         mark("drain")
         return
     t, layers, width = rows[0].shape
-    column = -(-width // n)
-    sends = [F.pad(r, (0, n * column - width)).view(t, layers, n, column).permute(2, 0, 1, 3) for r in rows]
+    sends = [cut_columns(r, n, -(-width // n)) for r in rows]  # as each rank cuts them for the exchange
     received = [torch.stack([sends[i][j] for i in range(n)]) for j in range(n)]  # rank j gets column j
     mark("exchange")
     codec = new_code(code, n, m, backend="triton" if device == "cuda" else "torch")

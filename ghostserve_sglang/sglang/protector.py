@@ -61,6 +61,14 @@ def capture_queue_bytes(settings: Settings, kv: KVView) -> int:
     return max(AUTO_QUEUE_MIN_BYTES, int(kv.slots * kv.slot_bytes * AUTO_QUEUE_FRACTION))
 
 
+def cut_columns(rows: torch.Tensor, ranks: int, column: int) -> torch.Tensor:
+    """``rows`` (``[n, layers, width]``) cut into ``ranks`` columns of ``column`` bytes, zero-padded:
+    ``[ranks, n, layers, column]``, entry j the columns rank j encodes."""
+    n, layers, width = rows.shape
+    padded = F.pad(rows, (0, ranks * column - width)) if ranks * column != width else rows
+    return padded.view(n, layers, ranks, column).permute(2, 0, 1, 3).contiguous()
+
+
 class Protector:
     def __init__(self, settings: Settings, model_runner, instance_id: str, tp_group,
                  replacement: bool = False) -> None:
@@ -92,18 +100,19 @@ class Protector:
         directory = settings.file_dir if on_disk else SHM_DIR
         os.makedirs(directory, mode=0o700, exist_ok=True)
         existing = settings.existing_store
+        found = os.path.exists(segment_path(instance_id, self.rank, directory))
         if replacement:  # the dead rank's segment holds the parity this rank's rebuild needs
-            existing = "attach" if os.path.exists(segment_path(instance_id, self.rank, directory)) else "fail"
-        if not os.path.exists(segment_path(instance_id, self.rank, directory)):
+            existing = "attach" if found else "fail"
+        if not found:
             check_space(self.geometry, ring_entries, directory, ranks=self.ranks)
         self.segment = ParitySegment.create(instance_id, self.rank, self.geometry, ring_entries,
                                             existing=existing, directory=directory)
         self.drain = ParityDrain(self.segment, settings.stall_timeout_seconds, settings.on_full,
                                  sync=on_disk).start()
-        if self.drain.counters().pin_error:
+        pin_error = self.drain.counters().pin_error
+        if pin_error:
             log.warning("the host staging ring could not be pinned; device-to-host copies of parity are "
-                        "synchronous (counted as pageable_copies)", rank=self.rank,
-                        cuda_error=self.drain.counters().pin_error,
+                        "synchronous (counted as pageable_copies)", rank=self.rank, cuda_error=pin_error,
                         ring_bytes=ring_entries * self.geometry.record_bytes)
         self.step = 0
         self.closed = False
@@ -284,8 +293,7 @@ class Protector:
         if self.closed:
             return
         self.closed = True
-        for _, _, box in (i for i in self._queue.close() if i[0] == "call"):
-            box.put(RuntimeError("GhostServe is shutting down"))
+        self._close_queue("GhostServe is shutting down")
         self.drain.pause()  # a worker waiting for ring room drops its step and goes on
         self._worker.join(timeout=30)
         self._reporter.join(timeout=5)
@@ -308,8 +316,7 @@ class Protector:
             except Exception as exc:  # the device failed under the wait: nothing more can be done
                 self._failure = exc
                 self.count_error("worker", exc)
-                for _, _, box in (i for i in self._queue.close() if i[0] == "call"):
-                    box.put(RuntimeError(f"GhostServe's worker failed: {exc!r}"))
+                self._close_queue(f"GhostServe's worker failed: {exc!r}")
                 return
             if item is None:
                 return
@@ -332,6 +339,11 @@ class Protector:
             finally:
                 item = None  # its tensors no longer count against the queue's bound
                 self._queue.done()
+
+    def _close_queue(self, reason: str) -> None:
+        """Close the queue to the worker; control calls still waiting in it are answered with ``reason``."""
+        for _, _, box in (item for item in self._queue.close() if item[0] == "call"):
+            box.put(RuntimeError(reason))
 
     def _run_call(self, fn):
         """``fn``'s result, or its exception (the caller raises it), once the device work it queued
@@ -376,8 +388,8 @@ class Protector:
                                    ("ghostserve_backpressure_drops_total", counters.drops)):
                     if m.mirror(name, what) > 0:
                         log.warning("backpressure", rank=self.rank, step=self.step, stalls=counters.stalls,
-                                capture_queue_stalls=self._queue.stalls,
-                                    drops=counters.drops, dropped_records=counters.dropped_records,
+                                    capture_queue_stalls=self._queue.stalls, drops=counters.drops,
+                                    dropped_records=counters.dropped_records,
                                     stall_seconds=counters.stall_seconds)
                 m.set("ghostserve_checkpoint_lag_steps", counters.lag_steps)
                 m.set("ghostserve_checkpoint_lag_seconds", counters.lag_seconds)
@@ -415,10 +427,7 @@ class Protector:
     def columns_to_encoders(self, rows: torch.Tensor) -> torch.Tensor:
         """Cut each slot-layer's bytes into ``ranks`` columns and send column j to rank j: returns
         ``[ranks, n, layers, column_bytes]`` where entry i is rank i's column of this rank's index."""
-        n, layers, width = rows.shape
-        ranks, column = self.ranks, self.geometry.column_bytes
-        padded = F.pad(rows, (0, ranks * column - width)) if ranks * column != width else rows
-        return self.all_to_all(padded.view(n, layers, ranks, column).permute(2, 0, 1, 3).contiguous())
+        return self.all_to_all(cut_columns(rows, self.ranks, self.geometry.column_bytes))
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """Entry i of ``send`` goes to rank i; entry i of the result came from rank i."""

@@ -3,9 +3,8 @@ loaded with ctypes, which releases the GIL for the length of each call.
 
 The shared object is cached in ``native/`` under ``$GHOSTSERVE_CACHE_DIR`` (default
 ``~/.cache/ghostserve-sglang``), named by a hash of the source, so it is built once per machine and
-version. Without a C compiler the
-store falls back to writing records from Python, one at a time (logged once); both ways give the same
-bytes.
+version. Without a C compiler the store falls back to writing records from Python, one at a time
+(logged once); both ways give the same bytes.
 """
 
 from __future__ import annotations
