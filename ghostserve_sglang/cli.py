@@ -1,4 +1,5 @@
-"""``ghostserve status`` and ``ghostserve scrub``: ask a running server about its protection."""
+"""``ghostserve status`` and ``ghostserve scrub``: ask a running server about its protection.
+``ghostserve check-sglang``: check the installed SGLang against the releases GhostServe declares."""
 
 from __future__ import annotations
 
@@ -32,6 +33,21 @@ def _print_scrub(reply: dict) -> None:
           f"{reply['matching']} matching, {reply['mismatching']} mismatching, "
           f"{reply['not_durable']} not yet durable, {reply['corrupt']} failed checksum; host parity is "
           f"{'n/a' if ratio is None else f'{ratio:.3f}'} of their KV bytes ({reply['seconds']:.2f} s)")
+
+
+def _check_sglang(declaration: bool) -> int:
+    from .sglang import patches
+
+    if declaration:
+        print(json.dumps(patches.declaration(), indent=2))
+        return 0
+    lines = patches.differences()
+    for line in lines:
+        print(f"ghostserve: {line}", file=sys.stderr)
+    if not lines:
+        print(f"sglang {patches.sglang_version()}: supported; all {len(patches.ALL_TARGETS)} patch targets "
+              "have their declared signatures")
+    return 1 if lines else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +93,16 @@ def main(argv: list[str] | None = None) -> int:
                            "right after it pulled requests, before any other rank has them")
     kill.add_argument("--fail-replacement", action="store_true",
                       help="the replacement started for it fails at start-up (drills the fail stop)")
+    check = sub.add_parser("check-sglang", help="check the installed SGLang against the declared releases "
+                           "and patch signatures (no server needed); exit 1 on any difference")
+    check.add_argument("--declaration", action="store_true", help="print the installed SGLang's entry "
+                       "for ghostserve_sglang/sglang/releases.json instead")
     for command in sub.choices.values():  # also after the command: `ghostserve status --json`
         command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                              help="print the reply as JSON")
     args = parser.parse_args(argv)
+    if args.command == "check-sglang":
+        return _check_sglang(args.declaration)
     request_args = {
         "scrub": lambda: {"wait": not args.no_wait},
         "inject-fault": lambda: {"ranks": args.ranks, **({"recover": False} if args.no_recover else {})},

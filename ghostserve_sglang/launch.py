@@ -19,7 +19,7 @@ import urllib.request
 from . import logs, refusal, settings
 from .control import socket_path
 from .settings import SettingsError
-from .sglang import cpu_compat, membership
+from .sglang import compatibility, cpu_compat, membership
 from .sglang.patches import MAIN_PATCHER, PatchError, check_supported
 from .sglang.supervisor import SUPERVISOR
 from .store import remove_orphans
@@ -116,15 +116,14 @@ def main(argv: list[str] | None = None) -> None:
         # A replacement rank resumes SGLang's plain loop; one rank alone has no survivor to rejoin.
         server_args = prepare_server_args([*sglang_argv, "--disable-overlap-schedule"])
     try:
-        chosen.check_topology(server_args.tp_size, server_args.pp_size, server_args.dp_size)
-        if chosen.enabled and server_args.speculative_algorithm:
-            raise SettingsError(f"--speculative-algorithm={server_args.speculative_algorithm} is not "
-                                "supported with --ghost-code: speculative decoding keeps draft KV that "
-                                "GhostServe does not protect")
+        chosen.check_topology(server_args.tp_size)
         if chosen.enabled and not chosen.allow_unsupported_sglang:
             check_supported()
     except (SettingsError, PatchError) as exc:
         _fail(exc)
+    refused = compatibility.refusal(server_args, chosen.code) if chosen.enabled else None
+    if refused is not None:
+        _fail(refused)
     environment = chosen.to_env()
     instance_id = chosen.instance_id or str(server_args.port)
     environment["GHOSTSERVE_INSTANCE_ID"] = instance_id

@@ -78,10 +78,12 @@ class Server:
 def launched(tp_size: int, ghost_args: list[str], extra: list[str] = (), log_dir: str = "/tmp",
              max_total_tokens: int = 8192, start_timeout_s: float = 400,
              plain_sglang_env: dict[str, str] | None = None, flags: list[str] = CPU_FLAGS,
-             model: str = "tiny-llama") -> Iterator[Server]:
+             model: str = "tiny-llama", python: str = sys.executable,
+             cwd: str | None = None) -> Iterator[Server]:
     """A server from our launcher with ``ghost_args``; or, with ``plain_sglang_env``, from
     ``python -m sglang.launch_server`` with those GHOSTSERVE_* variables set. ``model`` names a bundled
-    model (see :mod:`ghostserve_sglang.models`)."""
+    model (see :mod:`ghostserve_sglang.models`) or is a model folder; ``python`` and ``cwd`` choose the
+    interpreter (an environment GhostServe is installed in) and the folder it starts in."""
     port = free_port()
     log_path = os.path.join(log_dir, f"ghostserve-server-{port}.log")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTSERVE_")}
@@ -89,11 +91,12 @@ def launched(tp_size: int, ghost_args: list[str], extra: list[str] = (), log_dir
     if plain_sglang_env is not None:
         module = "sglang.launch_server"
         env.update(plain_sglang_env)
-    command = [sys.executable, "-m", module, "--model-path", str(models.path(model)),
+    model_path = str(models.path(model)) if model in models.NAMES else model
+    command = [python, "-m", module, "--model-path", model_path,
                *flags, "--tp-size", str(tp_size), "--port", str(port),
                "--max-total-tokens", str(max_total_tokens), *extra, *ghost_args]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     server = Server(port, process, log_path)
     try:
         deadline = time.monotonic() + start_timeout_s

@@ -2,9 +2,11 @@
 left behind.
 
 A scheduler process that finds, while it starts, something GhostServe cannot protect (an unsupported KV
-pool, a parity store that does not fit its directory) records the reason in the instance's refusal
-file and exits at once with status 2, so SGLang's start-up fails the ordinary way; the launcher then
-stops the server, removes what it left, and prints the recorded line as its error.
+pool, a parity store that does not fit its directory, a server option or model the launcher did not see
+because SGLang was started without it) prints the reason and exits at once with status 2, so SGLang's
+start-up fails the ordinary way. Under the launcher it also records the reason in the instance's refusal
+file; the launcher then stops the server, removes what it left, and prints the recorded line as its
+error.
 """
 
 from __future__ import annotations
@@ -21,17 +23,22 @@ def path(instance_id: str) -> str:
     return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-refused.txt")
 
 
-def refuse(instance_id: str, rank: int, message: str) -> None:
-    """In a scheduler process: record ``message`` (the first rank to refuse wins) and exit."""
+def refuse(instance_id: str, message: str, rank: int | None = None) -> None:
+    """In a scheduler process: print ``message`` as one line and exit. Under the launcher's supervision
+    it is also recorded (the first rank to refuse wins) for the launcher to print as its error."""
+    from .sglang import membership
+
     line = " ".join(message.split())
-    try:
-        fd = os.open(path(instance_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        os.write(fd, line.encode())
-        os.close(fd)
-    print(f"ghostserve: TP rank {rank} refused to start: {line}", file=sys.stderr, flush=True)
+    if membership.supervised():
+        try:
+            fd = os.open(path(instance_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            os.write(fd, line.encode())
+            os.close(fd)
+    who = "a scheduler process" if rank is None else f"TP rank {rank}"
+    print(f"ghostserve: {who} refused to start: {line}", file=sys.stderr, flush=True)
     os._exit(EXIT_STATUS)
 
 

@@ -162,13 +162,11 @@ class Settings:
 
         return {o.env: text(getattr(self, o.name)) for o in OPTIONS}
 
-    def check_topology(self, tp_size: int, pp_size: int = 1, dp_size: int = 1) -> None:
-        """Refuse a code that the server's parallel layout cannot carry."""
+    def check_topology(self, tp_size: int) -> None:
+        """Refuse a code that the tensor-parallel size cannot carry (other SGLang options:
+        ``sglang.compatibility``)."""
         if not self.enabled:
             return
-        if pp_size != 1 or dp_size != 1:
-            raise SettingsError(f"--pp-size={pp_size} --dp-size={dp_size} is not supported with "
-                                "--ghost-code; GhostServe protects one tensor-parallel group (pp=dp=1)")
         m = self.parity_shards
         if self.code == "xor" and m != 1:
             raise SettingsError(f"--ghost-parity-shards={m} is not allowed with --ghost-code=xor; xor "

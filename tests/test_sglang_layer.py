@@ -98,7 +98,7 @@ def test_unsupported_sglang_version_is_refused_before_anything_is_wrapped(monkey
 def test_changed_signature_is_refused():
     spec = patches.load_spec()
     key = TARGETS[0].key
-    spec["signatures"][key] = "(self, server_args, port_args, extra)"
+    spec["releases"][patches.sglang_version()]["signatures"][key] = "(self, server_args, port_args, extra)"
     with pytest.raises(PatchError, match="Scheduler.__init__"):
         patches.check_supported(spec)
 

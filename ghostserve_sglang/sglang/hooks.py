@@ -18,7 +18,7 @@ from .. import refusal
 from ..control import ControlRequest
 from ..settings import Settings
 from ..store import StoreError
-from . import drills, handover
+from . import compatibility, drills, handover
 from .kv import UnsupportedPool
 
 log = structlog.get_logger("ghostserve.hooks")
@@ -63,26 +63,25 @@ def scheduler_init(wrapped, instance, args, kwargs):
     from . import rejoin
     from .protector import Protector
 
-    instance_id = STATE.settings.instance_id or str(args[0].port if args else kwargs["server_args"].port)
+    server_args = _arg(args, kwargs, 0, "server_args")
+    instance_id = STATE.settings.instance_id or str(server_args.port)
+    refused = compatibility.refusal(server_args, STATE.settings.code)
+    if refused is not None:  # a server started without the launcher, which checks this before the start
+        refusal.refuse(instance_id, refused)
     rejoin.MEMBERS.instance_id = instance_id
     generation = rejoin.membership.replacement_generation() if rejoin.enabled() else None
     if generation is not None:
         if STATE.settings.enable_fault_injection:
             drills.check_replacement(instance_id, rejoin.membership.replacement_rank())
-        server_args = args[0] if args else kwargs["server_args"]
         rejoin.arrive(generation, rejoin.membership.replacement_rank(), server_args.tp_size)
     started = time.time()
     with rejoin.MEMBERS.transcript.recording():
         wrapped(*args, **kwargs)
         try:
-            if getattr(instance, "draft_worker", None) is not None:
-                raise UnsupportedPool("speculative decoding's draft model keeps a KV pool of its own, "
-                                      "which GhostServe does not protect; run without "
-                                      "--speculative-algorithm or with --ghost-code off")
             STATE.protector = Protector(STATE.settings, instance.tp_worker.model_runner, instance_id,
                                         get_parallel().tp_group, replacement=generation is not None)
         except (UnsupportedPool, StoreError) as exc:
-            refusal.refuse(instance_id, get_parallel().tp_group.rank_in_group, str(exc))
+            refusal.refuse(instance_id, str(exc), get_parallel().tp_group.rank_in_group)
     STATE.protector.scheduler = instance
     if generation is not None:
         noticed = rejoin.membership.read(instance_id)["noticed_at"]

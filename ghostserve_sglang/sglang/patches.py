@@ -1,8 +1,9 @@
 """The patch layer: one table of SGLang targets drives both install and uninstall.
 
-Supported SGLang versions and the exact signatures of the patched methods are data
-(``patches/sglang.json``); anything else is refused before a method is touched, unless the operator
-overrides it. Install is idempotent and all-or-nothing: a failure half-way restores what was wrapped.
+Supported SGLang releases and the exact signatures of the patched methods in each are data
+(``releases.json`` beside this module, shipped in the package; see ``patches/README.md``); anything else
+is refused before a method is touched, unless the operator overrides it. Install is idempotent and
+all-or-nothing: a failure half-way restores what was wrapped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from . import cpu_compat, hooks, journal, rejoin, supervisor
 
 log = structlog.get_logger("ghostserve.patches")
 
-SPEC_PATH = pathlib.Path(__file__).resolve().parents[2] / "patches" / "sglang.json"
+SPEC_PATH = pathlib.Path(__file__).resolve().with_name("releases.json")
 
 
 class PatchError(RuntimeError):
@@ -100,6 +101,9 @@ MAIN_TARGETS = (
 )
 
 
+ALL_TARGETS = (*TARGETS, *CPU_TARGETS, *MAIN_TARGETS)
+
+
 def load_spec(path: pathlib.Path = SPEC_PATH) -> dict:
     try:
         return json.loads(path.read_text())
@@ -111,20 +115,35 @@ def sglang_version() -> str:
     return importlib.metadata.version("sglang")
 
 
-def check_supported(spec: dict | None = None, version: str | None = None) -> None:
-    """Raise PatchError unless this SGLang version is declared and every target has its declared
-    signature."""
+def differences(spec: dict | None = None, version: str | None = None) -> list[str]:
+    """One line per way the installed SGLang differs from the declarations: an undeclared release, or a
+    target whose signature is not the declared one; empty when GhostServe supports it."""
     spec = load_spec() if spec is None else spec
     version = sglang_version() if version is None else version
-    if version not in spec["sglang_versions"]:
-        raise PatchError(f"sglang {version} is not supported; supported: {', '.join(spec['sglang_versions'])}"
-                         " (--ghost-allow-unsupported-sglang=1 installs anyway)")
-    for target in (*TARGETS, *CPU_TARGETS, *MAIN_TARGETS):
-        expected = spec["signatures"].get(target.key)
+    releases = spec["releases"]
+    if version not in releases:
+        return [f"sglang {version} is not supported; supported: {', '.join(releases)}"]
+    declared = releases[version]["signatures"]
+    lines = []
+    for target in ALL_TARGETS:
         found = signature_of(target)
-        if expected != found:
-            raise PatchError(f"sglang {version}: {target.key}{found} differs from the declared "
-                             f"{expected} (--ghost-allow-unsupported-sglang=1 installs anyway)")
+        if declared.get(target.key) != found:
+            lines.append(f"sglang {version}: {target.key}{found} differs from the declared "
+                         f"{declared.get(target.key)}")
+    return lines
+
+
+def check_supported(spec: dict | None = None, version: str | None = None) -> None:
+    """Raise PatchError unless this SGLang release is declared and every target has its declared
+    signature."""
+    lines = differences(spec, version)
+    if lines:
+        raise PatchError(f"{lines[0]} (--ghost-allow-unsupported-sglang=1 installs anyway)")
+
+
+def declaration() -> dict:
+    """The installed SGLang's entry for ``releases.json``: every target's signature."""
+    return {sglang_version(): {"signatures": {t.key: signature_of(t) for t in ALL_TARGETS}}}
 
 
 def signature_of(target: Target) -> str:
