@@ -12,7 +12,7 @@ RUN_PORT ?= 30000
 CPU_SERVER := --model-path ghostserve_sglang/models/tiny-llama --device cpu --attention-backend torch_native \
 	--disable-cuda-graph --dtype float32 --max-total-tokens 8192 --host 127.0.0.1 --enable-metrics
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench check-sglang
 
 setup:
 	@bash .ci/setup.sh "$(PYTHON)" "$(VENV)"
@@ -29,3 +29,11 @@ test: setup
 bench: setup
 	$(PY) benchmarks/report.py
 
+
+# GhostServe against another SGLang release, in an environment of its own (created once, about ten
+# minutes): the installed release against the declarations, then the TP=2 protected smoke test
+# (about two minutes). Its output is kept in benchmarks/results/sglang-<release>-check.txt.
+SGLANG ?= 0.5.22
+check-sglang:
+	bash -c 'set -o pipefail; bash .ci/check_sglang_release.sh "$(PYTHON)" "$(VENV_ROOT)" "$(SGLANG)" \
+		| tee benchmarks/results/sglang-$(SGLANG)-check.txt'

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -20,7 +21,7 @@ from . import logs, refusal, settings
 from .control import socket_path
 from .settings import SettingsError
 from .sglang import compatibility, cpu_compat, membership
-from .sglang.patches import MAIN_PATCHER, PatchError, check_supported
+from .sglang.patches import MAIN_PATCHER, PatchError, check_supported, load_spec
 from .sglang.supervisor import SUPERVISOR
 from .store import remove_orphans
 
@@ -42,10 +43,18 @@ def _fail(message: object) -> None:
 def _print_help() -> None:
     from sglang.srt.server_args import ServerArgs
 
+    refused = ", ".join(option.flag for option in compatibility.REFUSED_OPTIONS)
     parser = argparse.ArgumentParser(
-        prog="python -m ghostserve_sglang.launch",
+        prog="python -m ghostserve_sglang.launch", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="An SGLang server whose KV cache is protected by erasure-code parity in host "
-                    "memory. Takes every sglang.launch_server flag, plus the --ghost-* flags below.")
+                    "memory. Takes every sglang.launch_server flag, plus the --ghost-* flags below.",
+        epilog="\n".join(textwrap.wrap(
+            f"Protected: one tensor-parallel group of a model with MHA or GQA attention, any --page-size, "
+            f"radix cache on or off, chunked prefill on or off, --kv-cache-dtype auto or fp8. Refused at "
+            f"start, in one line, unless --ghost-code off: {refused}; models with MLA, hybrid "
+            f"sliding-window or hybrid linear attention. SGLang releases: "
+            f"{', '.join(load_spec()['releases'])} (ghostserve check-sglang checks the installed one).",
+            width=100)))
     ServerArgs.add_cli_args(parser)
     settings.add_arguments(parser)
     parser.print_help()

@@ -72,8 +72,9 @@ OPTIONS = (
            "behind (a live owner's are never touched)", EXISTING),
     Option("strict", _bool, False, "an error inside GhostServe stops the server (for tests) instead of "
            "being counted and logged once"),
-    Option("allow_unsupported_sglang", _bool, False, "install the patches on an SGLang version that "
-           "patches/sglang.json does not declare"),
+    Option("allow_unsupported_sglang", _bool, False, "install the patches on an SGLang release that "
+           "GhostServe does not declare, or whose patched methods differ (`ghostserve check-sglang` "
+           "shows how)"),
     Option("enable_fault_injection", _bool, False, "allow `ghostserve inject-fault` (destroys ranks' KV "
            "to exercise recovery) and `ghostserve drain`; never on in production"),
     Option("auto_recover", _bool, True, "rebuild lost KV right after an injected fault (otherwise wait "

@@ -6,7 +6,7 @@ import pytest
 
 from ghostserve_sglang import launch, models, settings
 from ghostserve_sglang.settings import OPTIONS, Settings, SettingsError
-from ghostserve_sglang.sglang import patches
+from ghostserve_sglang.sglang import compatibility, patches
 
 BASE = ["--model-path", str(models.path()), "--device", "cpu"]
 
@@ -21,8 +21,6 @@ BASE = ["--model-path", str(models.path()), "--device", "cpu"]
     (["--tp-size", "2", "--ghost-strict", "yes"], "--ghost-strict=yes"),
     (["--tp-size", "2", "--ghost-staging-mib", "lots"], "--ghost-staging-mib=lots"),
     (["--tp-size", "2", "--ghost-on-full", "panic"], "--ghost-on-full=panic"),
-    (["--tp-size", "2", "--dp-size", "2"], "--dp-size=2"),
-    (["--tp-size", "2", "--speculative-algorithm", "NGRAM"], "--speculative-algorithm=NGRAM"),
     (["--tp-size", "2", "--ghost-capture-queue-mib", "-1"], "--ghost-capture-queue-mib=-1"),
 ])
 def test_invalid_settings_fail_fast_with_one_line(flags, named, capsys):
@@ -47,6 +45,10 @@ def test_help_shows_sglang_and_ghostserve_flags(capsys):
     assert "--tp-size" in out and "--model-path" in out
     for option in OPTIONS:
         assert option.flag in out and option.env in out
+    refused = " ".join(out.split("Refused at start")[1].split())
+    for option in compatibility.REFUSED_OPTIONS:
+        assert option.flag in refused
+    assert "MLA" in refused and "0.5.22, 0.5.23" in refused
 
 
 def test_every_flag_maps_to_one_environment_variable():

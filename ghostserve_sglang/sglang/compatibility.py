@@ -15,6 +15,8 @@ import dataclasses
 from collections.abc import Callable
 
 _FIX = "run without it, or with --ghost-code off"
+_LORA = ("a replacement rank would not have the adapters loaded while the server runs, and LoRA serving has "
+         "not been checked under GhostServe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +43,14 @@ REFUSED_OPTIONS = (
     RefusedOption("--enable-hisparse", _value("enable_hisparse"),
                   "hierarchical sparse attention moves KV between host memory and the pool with its own "
                   "kernels, past GhostServe's capture"),
-    RefusedOption("--dp-size", _value("dp_size", 1),
-                  "GhostServe protects one tensor-parallel group, and data parallelism runs several"),
+    RefusedOption("--attn-dp-size", _value("attn_dp_size", 1),
+                  "DP attention splits the KV cache between data-parallel attention groups, and GhostServe "
+                  "protects one tensor-parallel group"),
     RefusedOption("--enable-dp-attention", _value("enable_dp_attention"),
                   "DP attention splits the KV cache between data-parallel attention groups, and GhostServe "
                   "protects one tensor-parallel group"),
+    RefusedOption("--dp-size", _value("dp_size", 1),
+                  "GhostServe protects one tensor-parallel group, and data parallelism runs several"),
     RefusedOption("--pp-size", _value("pp_size", 1),
                   "each pipeline stage holds other layers' KV, and GhostServe protects one tensor-parallel "
                   "group"),
@@ -53,12 +58,8 @@ REFUSED_OPTIONS = (
                   "decode context parallelism splits each request's KV by position between ranks"),
     RefusedOption("--attn-cp-size", _value("attn_cp_size", 1),
                   "context parallelism splits each request's KV by position between ranks"),
-    RefusedOption("--enable-lora", _value("enable_lora"),
-                  "a replacement rank would not have the adapters loaded while the server runs, and LoRA "
-                  "serving has not been checked under GhostServe"),
-    RefusedOption("--lora-paths", _value("lora_paths"),
-                  "a replacement rank would not have the adapters loaded while the server runs, and LoRA "
-                  "serving has not been checked under GhostServe"),
+    RefusedOption("--lora-paths", _value("lora_paths"), _LORA),
+    RefusedOption("--enable-lora", _value("enable_lora"), _LORA),
     RefusedOption("--disaggregation-mode", _value("disaggregation_mode", "null"),
                   "prefill-decode disaggregation moves KV between servers past GhostServe's capture"),
 )

@@ -1,0 +1,161 @@
+"""The README's compatibility table, cell by cell: SGLang server shapes GhostServe protects (a real
+TP=2 server: a fault mid-decode is rebuilt from parity, every token unchanged, the scrub clean), and the
+options and models it refuses at start (one line naming the option, exit status 2, nothing left
+running and nothing left in /dev/shm)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from protector_rig import make_protector, stop, written
+
+from ghostserve_sglang import models
+from ghostserve_sglang.campaign import run_trial
+from ghostserve_sglang.local_server import free_port, launched
+
+GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1"]
+
+# config.json of a small model of each architecture whose KV SGLang keeps in another pool.
+MODEL_CONFIGS = {
+    "mla": {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 256,
+            "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 64, "q_lora_rank": None,
+            "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "n_routed_experts": 4,
+            "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+            "moe_layer_freq": 1, "topk_method": "greedy", "n_group": 1, "topk_group": 1},
+    "sliding-window": {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 256,
+                       "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "head_dim": 64, "num_local_experts": 4,
+                       "num_experts_per_tok": 2, "sliding_window": 128,
+                       "layer_types": ["sliding_attention", "full_attention"]},
+    "linear": {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "hidden_size": 256,
+               "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 64, "full_attention_interval": 4,
+               "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 32,
+               "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4, "num_experts": 4,
+               "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+               "shared_expert_intermediate_size": 128, "decoder_sparse_step": 1,
+               "partial_rotary_factor": 0.25},
+}
+COMMON_CONFIG = {"vocab_size": 1024, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+                 "rope_theta": 10000.0, "torch_dtype": "float32"}
+
+
+def model_folder(tmp_path, kind: str) -> str:
+    folder = tmp_path / kind
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**COMMON_CONFIG, **MODEL_CONFIGS[kind]}))
+    return str(folder)
+
+
+def ghostserve_files() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("ghostserve-")}
+
+
+# The refused cells: the flags, and what the one line must name.
+REFUSED = [
+    (["--enable-hierarchical-cache"], "--enable-hierarchical-cache is not supported"),
+    (["--speculative-algorithm", "NGRAM"], "--speculative-algorithm=NGRAM is not supported"),
+    (["--dp-size", "2"], "--dp-size=2 is not supported"),
+    (["--attn-dp-size", "2"], "--attn-dp-size=2 is not supported"),
+    (["--pp-size", "2"], "--pp-size=2 is not supported"),
+    (["--lora-paths", "adapter=/nonexistent/adapter"], "--lora-paths=adapter=/nonexistent/adapter is not"),
+    ("mla", "(DeepseekV2ForCausalLM) uses multi-head latent attention (MLA)"),
+    ("sliding-window", "(GptOssForCausalLM) uses hybrid sliding-window attention"),
+    ("linear", "(Qwen3NextForCausalLM) uses hybrid linear attention"),
+]
+
+
+def left_behind(group: int, port: int) -> list:
+    """Live processes of a process group, and the server's files in /dev/shm."""
+    time.sleep(0.5)
+    alive = [p.pid for p in psutil.process_iter(["status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
+             and _group(p.pid) == group]  # a zombie has ended; only init can reap it here
+    return alive + [name for name in ghostserve_files() if name.startswith(f"ghostserve-{port}")]
+
+
+def _group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def start(module: str, model: str, flags: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, "--model-path", model, "--tokenizer-path", str(models.path()),
+         "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--max-total-tokens", "4096",
+         *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("GHOSTSERVE_")}, **env})
+    return process, port
+
+
+@pytest.mark.parametrize("flags, named", REFUSED, ids=[f if isinstance(f, str) else f[0] for f, _ in REFUSED])
+def test_refused_at_start_in_one_line_leaving_nothing(flags, named, tmp_path):
+    model = model_folder(tmp_path, flags) if isinstance(flags, str) else str(models.path())
+    flags = [] if isinstance(flags, str) else flags
+    launcher, port = start("ghostserve_sglang.launch", model, ["--tp-size", "2", *flags, "--ghost-code",
+                                                               "xor"], {})
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("ghostserve")]
+    assert ours == [err.strip().splitlines()[-1]] and "Traceback" not in err, err[-3000:]
+    assert ours[0].startswith("ghostserve: error: ") and named in ours[0] and "--ghost-code off" in ours[0]
+    assert not left_behind(launcher.pid, port)
+
+
+def test_plain_sglang_launch_server_refuses_what_the_launcher_would(tmp_path):
+    # No launcher: the scheduler process refuses before its scheduler is built.
+    server, port = start("sglang.launch_server", model_folder(tmp_path, "mla"), ["--load-format", "dummy"],
+                         {"GHOSTSERVE_CODE": "replicate"})
+    out, err = server.communicate(timeout=400)
+    assert server.returncode != 0, err[-3000:]
+    refusals = [line for line in err.splitlines() if "refused to start" in line]
+    assert len(refusals) == 1, err[-3000:]
+    assert refusals[0].startswith("ghostserve: a scheduler process refused to start: --model-path=")
+    assert "uses multi-head latent attention (MLA)" in refusals[0]
+    assert not left_behind(server.pid, port)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--page-size", "16", "--chunked-prefill-size", "128"],
+    ["--disable-radix-cache", "--chunked-prefill-size", "-1"],
+], ids=["page-size-16", "radix-and-chunked-prefill-off"])
+def test_protected_a_fault_is_rebuilt_and_every_token_unchanged(extra, tmp_path):
+    with launched(2, GHOST, extra, log_dir=str(tmp_path)) as server:
+        trial = run_trial(server, seed=31, ranks=2)
+        log = server.log()
+    assert trial.ok and trial.running_at_fault > 0, trial
+    assert trial.recovery["outcome"] == "rebuilt" and trial.recovery["slots_rebuilt"] > 0, trial
+    assert trial.scrub["mismatching"] == 0 and trial.scrub["not_durable"] == 0, trial.scrub
+    assert trial.scrub["matching"] == trial.scrub["live_slots"] > 0
+    shown = {"--page-size": "page_size=16", "--disable-radix-cache": "disable_radix_cache=True"}
+    assert shown.get(extra[0], "") in log  # SGLang ran with the option
+
+
+def test_fp8_kv_is_protected_as_bytes_in_sglangs_pool():
+    # SGLang does not start fp8 KV on a CPU; its real pool holds fp8 as bytes, which is what is protected.
+    protector = make_protector(dtype=torch.float8_e4m3fn)
+    try:
+        assert protector.kv.pool.k_buffer[0].dtype == torch.uint8  # SGLang stores fp8 KV as uint8
+        written(protector, 40, seed=3)
+        live = protector.coverage()[0]
+        before = protector.kv.gather(live).clone()
+        scrub = protector.call(protector._scrub)
+        assert scrub["matching"] == scrub["live_slots"] == 40 and scrub["mismatching"] == 0
+        protector.call(lambda: protector._inject([0]))
+        assert not torch.equal(protector.kv.gather(live), before)
+        assert protector.recover(None, [0])["slots_rebuilt"] == 40
+        assert torch.equal(protector.kv.gather(live), before)
+    finally:
+        stop(protector)
+
