@@ -1,5 +1,6 @@
 """The README's compatibility table, cell by cell: SGLang server shapes GhostServe protects (a real
-TP=2 server: a fault mid-decode is rebuilt from parity, every token unchanged, the scrub clean), and the
+TP=2 server: a fault mid-decode is rebuilt from parity and a killed rank replaced, every token unchanged,
+the scrub clean), and the
 options and models it refuses at start (one line naming the option, exit status 2, nothing left
 running and nothing left in /dev/shm)."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -17,10 +19,11 @@ import torch
 from protector_rig import make_protector, stop, written
 
 from ghostserve_sglang import models
-from ghostserve_sglang.campaign import run_trial
+from ghostserve_sglang.campaign import LONG_PROMPT, request_mix, run_kill_trial, run_trial
 from ghostserve_sglang.local_server import free_port, launched
 
-GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1"]
+GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1",
+         "--ghost-rejoin-timeout-seconds", "240"]
 
 # config.json of a small model of each architecture whose KV SGLang keeps in another pool.
 MODEL_CONFIGS = {
@@ -126,20 +129,28 @@ def test_plain_sglang_launch_server_refuses_what_the_launcher_would(tmp_path):
     assert not left_behind(server.pid, port)
 
 
-@pytest.mark.parametrize("extra", [
-    ["--page-size", "16", "--chunked-prefill-size", "128"],
-    ["--disable-radix-cache", "--chunked-prefill-size", "-1"],
+@pytest.mark.parametrize("extra, logged", [
+    (["--page-size", "16", "--chunked-prefill-size", "128"], ["'page_size': 16"]),
+    (["--disable-radix-cache", "--chunked-prefill-size", "-1"],
+     ["'disable_radix_cache': True", "'chunked_prefill_size': -1"]),
 ], ids=["page-size-16", "radix-and-chunked-prefill-off"])
-def test_protected_a_fault_is_rebuilt_and_every_token_unchanged(extra, tmp_path):
+def test_protected_a_fault_is_rebuilt_and_every_token_unchanged(extra, logged, tmp_path):
+    during = []  # a scrub while the requests decode, before the fault
     with launched(2, GHOST, extra, log_dir=str(tmp_path)) as server:
-        trial = run_trial(server, seed=31, ranks=2)
+        trial = run_trial(server, seed=31, ranks=2, drills=[(4, lambda s: during.append(s.control("scrub")))])
+        mix = request_mix(random.Random(32), requests=7) + [LONG_PROMPT]
+        killed = run_kill_trial(server, 32, ranks=[1], how="KILL", after_steps=12, mix=mix)
         log = server.log()
+    assert all(line in log for line in logged)  # SGLang's server_args: it ran with the options
+    assert during[0]["live_slots"] > 0 and during[0]["matching"] > 0, during
+    assert during[0]["mismatching"] == 0 and during[0]["corrupt"] == 0, during
     assert trial.ok and trial.running_at_fault > 0, trial
     assert trial.recovery["outcome"] == "rebuilt" and trial.recovery["slots_rebuilt"] > 0, trial
     assert trial.scrub["mismatching"] == 0 and trial.scrub["not_durable"] == 0, trial.scrub
-    assert trial.scrub["matching"] == trial.scrub["live_slots"] > 0
-    shown = {"--page-size": "page_size=16", "--disable-radix-cache": "disable_radix_cache=True"}
-    assert shown.get(extra[0], "") in log  # SGLang ran with the option
+    # A rank's process killed mid-decode: its replacement's KV comes back from parity.
+    assert killed.running_at_kill >= 4 and killed.lost_requests == 0 and killed.wrong_tokens == 0, killed
+    assert killed.restart["restart"] and killed.restart["slots_rebuilt"] > 0, killed.restart
+    assert killed.scrub["mismatching"] == 0 and killed.scrub["not_durable"] == 0, killed.scrub
 
 
 def test_fp8_kv_is_protected_as_bytes_in_sglangs_pool():

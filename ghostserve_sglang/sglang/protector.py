@@ -85,6 +85,9 @@ class Protector:
                                       self.kv.head_dim, self.kv.layers, self.kv.slots)
         self.codec = new_code(code, self.ranks, parity_shards)
         self.device = self.kv.pool.k_buffer[0].device
+        # Slots written since they were last freed, on the scheduler thread. With a page size above 1 an
+        # allocated page's later slots hold no KV until the request reaches them: nothing to protect.
+        self.written = torch.zeros(self.kv.slots, dtype=torch.bool, device=self.device)
         # Our own groups: control collectives over gloo; the column exchange over gloo on CPU and over a
         # separate NCCL communicator on GPU. Created by every rank at the same point (scheduler init).
         # A collective that one rank never joins (an error there) fails after COLLECTIVE_TIMEOUT instead
@@ -164,6 +167,7 @@ class Protector:
         """Slots whose KV was just (re)written by any path: protect them as one step, or as one step
         per part of at most ``chunk_slots`` slots (the same parts on every rank)."""
         self.raise_failure()
+        self.written[slots.to(self.device)] = True
         for part in slots.split(self.chunk_slots):
             self.step += 1
             self.metrics.add("ghostserve_steps_captured_total")
@@ -172,7 +176,13 @@ class Protector:
 
     def on_free(self, slots: torch.Tensor) -> None:
         self.raise_failure()
+        self.written[slots.to(self.device)] = False
         self._queue.put(("free", slots.clone()))
+
+    def live_slots(self) -> torch.Tensor:
+        """Slots that hold KV someone may read: allocated, and written since they were allocated."""
+        live = live_slots(self.allocator, self.kv.slots)
+        return live[self.written.cpu()[live]]
 
     def handle_control(self, request: ControlRequest, scheduler) -> dict:
         """Carry out a control request; every rank runs this at the same point between two steps."""
@@ -489,7 +499,7 @@ class Protector:
 
     def coverage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Live slots, slots with durable parity, and the live ones among those (protected)."""
-        live = live_slots(self.allocator, self.kv.slots)
+        live = self.live_slots()
         durable = self.segment.durable_slots()
         return live, durable, live[torch.isin(live, durable)]
 
@@ -524,7 +534,7 @@ class Protector:
         started = time.monotonic()
         if wait:
             self.drain.flush()
-        live = live_slots(self.allocator, self.kv.slots)
+        live = self.live_slots()
         status = torch.zeros(len(live), dtype=torch.int64)  # 0 match, 1 not durable, 2 mismatch
         corrupt = 0
         for part, state in zip(live.split(self.chunk_slots), status.split(self.chunk_slots)):

@@ -45,7 +45,7 @@ def rebuild(p, lost: list[int], recompute_below_tokens: int = 0) -> dict:
     p.drain.resume()  # a drill may have paused it; recovery needs what it holds
     p.drain.flush()  # survivors' staged parity is in host memory; the lost ranks' was discarded
     phases.done("flush_seconds")
-    live = live_slots(p.allocator, p.kv.slots)
+    live = p.live_slots()
     stored = p.segment.read(live)
     steps = torch.where(stored.usable, stored.steps, torch.full_like(stored.steps, -1))
     geometry, me = p.geometry, p.rank

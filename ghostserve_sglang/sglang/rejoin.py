@@ -140,13 +140,15 @@ def _transfer(scheduler, protector, lost: list[int], phase: str | None, batch, p
     data = None
     if tp.rank_in_group == source:
         data = snapshot.take(scheduler, {"step": protector.step, "phase": phase, "restarts": MEMBERS.restarts,
-                                         "broadcasts": MEMBERS.broadcasts})
+                                         "broadcasts": MEMBERS.broadcasts,
+                                         "written": protector.written.cpu()})
     data = _broadcast(data, source, tp)
     loads = mine != every[source]
     if loads:
         interrupted = batch
         extra = snapshot.load(scheduler, data)
         protector.step, MEMBERS.restarts = extra["step"], extra["restarts"]
+        protector.written.copy_(extra["written"])
         MEMBERS.broadcasts = extra["broadcasts"]
         phase, batch = extra["phase"], scheduler.cur_batch_for_debug
         if interrupted is not None:  # SGLang's loop makes its own (now stale) batch the last one
