@@ -123,6 +123,21 @@ def clear_free_rows(scheduler) -> None:
     pool.req_to_token[free.to(pool.req_to_token.device)] = 0
 
 
+# The allocator's free state: free pages (token allocator: slots), pages released while a flush is
+# pending, and the paged allocator's freed pages waiting to be sorted.
+ALLOCATOR_FIELDS = ("free_pages", "release_pages", "staged_pages", "num_staged_pages")
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else list(value) if isinstance(value, list) else []
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return [v.to(device) for v in value] if isinstance(value, list) else value
+
+
 def take(scheduler, extra: dict) -> bytes:
     """The survivor's state, pickled; ``extra`` travels with it (GhostServe's own step, the phase)."""
     pool, allocator = scheduler.req_to_token_pool, scheduler.token_to_kv_pool_allocator
@@ -135,7 +150,7 @@ def take(scheduler, extra: dict) -> bytes:
         "rows": rows, "req_to_token": pool.req_to_token[rows],
         "free_slots": list(pool.free_slots),
         "req_generation": pool.req_generation,
-        "free_pages": allocator.free_pages, "release_pages": allocator.release_pages,
+        "allocator": {n: getattr(allocator, n) for n in ALLOCATOR_FIELDS if hasattr(allocator, n)},
         "tree_core": scheduler.tree_cache.tree_core, "tree_counters": _tree_counters(),
         "output_tokens": scheduler.future_map.output_tokens_buf,
         "new_seq_lens": scheduler.future_map.new_seq_lens_buf,
@@ -165,8 +180,8 @@ def load(scheduler, data: bytes) -> dict:
     pool.req_to_token[state["rows"]] = state["req_to_token"].to(pool.req_to_token.device)
     pool.free_slots[:] = state["free_slots"]
     pool.req_generation.copy_(state["req_generation"])
-    allocator.free_pages = state["free_pages"].to(allocator.device)
-    allocator.release_pages = state["release_pages"].to(allocator.device)
+    for name, value in state["allocator"].items():
+        setattr(allocator, name, _to(value, allocator.device))
     cache, core = scheduler.tree_cache, state["tree_core"]
     old_core = cache.tree_core
     repoint([(old_core, core)], [cache, *cache.components.values(), scheduler])
@@ -189,7 +204,8 @@ def digest(scheduler, extra: object = None) -> dict[str, int]:
 
     parts = {
         "free_slots": repr(pool.free_slots).encode(),
-        "free_pages": of_tensor(allocator.free_pages) + of_tensor(allocator.release_pages),
+        "free_pages": b"".join(of_tensor(t) for name in ALLOCATOR_FIELDS
+                               for t in _tensors(getattr(allocator, name, None))),
         "req_to_token": of_tensor(pool.req_to_token[_rows_in_use(pool)]) + of_tensor(pool.req_generation),
         "rng": of_tensor(torch.get_rng_state()),
         "waiting": repr([r.rid for r in scheduler.waiting_queue]).encode(),
