@@ -55,11 +55,16 @@ for requirement in [*project["dependencies"], *project["optional-dependencies"][
     if not requirement.startswith("sglang"):
         print(requirement)
 PY
-"$venv/bin/pip" install -q -r "$env/ghostserve-requirements.txt" 2>&1 | grep -v '^WARNING: Location' || true
-"$venv/bin/pip" install -q --no-deps -e "$here" 2>&1 | grep -v '^WARNING: Location' || true
-"$venv/bin/python" -m ghostserve_sglang.models >/dev/null
+if ! { "$venv/bin/pip" install -r "$env/ghostserve-requirements.txt" \
+    && "$venv/bin/pip" install --no-deps -e "$here" \
+    && "$venv/bin/python" -m ghostserve_sglang.models; } > "$env/update.log" 2>&1; then
+  grep -v '^WARNING: Location' "$env/update.log" | tail -40
+  echo "installing GhostServe into $venv failed; the whole log is $env/update.log" >&2
+  exit 1
+fi
 
 cd "$here"
+echo "GhostServe $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)') against sglang $version, $(date -u +%Y-%m-%d)"
 echo "\$ ghostserve check-sglang   (sglang $version)"
 "$venv/bin/ghostserve" check-sglang 2>&1 | grep -v -i 'warn'
 echo "\$ python -m pytest tests/test_wheel.py   (sglang $version)"

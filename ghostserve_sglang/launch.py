@@ -49,12 +49,12 @@ def _print_help() -> None:
         description="An SGLang server whose KV cache is protected by erasure-code parity in host "
                     "memory. Takes every sglang.launch_server flag, plus the --ghost-* flags below.",
         epilog="\n".join(textwrap.wrap(
-            f"Protected: one tensor-parallel group of a model with MHA or GQA attention, any --page-size, "
-            f"radix cache on or off, chunked prefill on or off, --kv-cache-dtype auto or fp8. Refused at "
-            f"start, in one line, unless --ghost-code off: {refused}; models with MLA, hybrid "
+            f"Protected: one tensor-parallel group of a model with MHA or GQA attention, --page-size 1 "
+            f"or 16, radix cache on or off, chunked prefill on or off, --kv-cache-dtype auto or fp8. "
+            f"Refused at start, in one line, unless --ghost-code off: {refused}; models with MLA, hybrid "
             f"sliding-window or hybrid linear attention. SGLang releases: "
             f"{', '.join(load_spec()['releases'])} (ghostserve check-sglang checks the installed one).",
-            width=100)))
+            width=100, break_on_hyphens=False)))
     ServerArgs.add_cli_args(parser)
     settings.add_arguments(parser)
     parser.print_help()
