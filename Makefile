@@ -29,7 +29,6 @@ test: setup
 bench: setup
 	$(PY) benchmarks/report.py
 
-
 # GhostServe against another SGLang release, in an environment of its own (created once, about ten
 # minutes): the installed release against the declarations, then the TP=2 protected smoke test
 # (about two minutes). Its output is kept in benchmarks/results/sglang-<release>-check.txt.
