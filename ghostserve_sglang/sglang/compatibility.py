@@ -15,6 +15,8 @@ import dataclasses
 from collections.abc import Callable
 
 _FIX = "run without it, or with --ghost-code off"
+_DP_ATTENTION = ("DP attention splits the KV cache between data-parallel attention groups, and GhostServe "
+                 "protects one tensor-parallel group")
 _LORA = ("a replacement rank would not have the adapters loaded while the server runs, and LoRA serving has "
          "not been checked under GhostServe")
 
@@ -43,12 +45,8 @@ REFUSED_OPTIONS = (
     RefusedOption("--enable-hisparse", _value("enable_hisparse"),
                   "hierarchical sparse attention moves KV between host memory and the pool with its own "
                   "kernels, past GhostServe's capture"),
-    RefusedOption("--attn-dp-size", _value("attn_dp_size", 1),
-                  "DP attention splits the KV cache between data-parallel attention groups, and GhostServe "
-                  "protects one tensor-parallel group"),
-    RefusedOption("--enable-dp-attention", _value("enable_dp_attention"),
-                  "DP attention splits the KV cache between data-parallel attention groups, and GhostServe "
-                  "protects one tensor-parallel group"),
+    RefusedOption("--attn-dp-size", _value("attn_dp_size", 1), _DP_ATTENTION),
+    RefusedOption("--enable-dp-attention", _value("enable_dp_attention"), _DP_ATTENTION),
     RefusedOption("--dp-size", _value("dp_size", 1),
                   "GhostServe protects one tensor-parallel group, and data parallelism runs several"),
     RefusedOption("--pp-size", _value("pp_size", 1),
@@ -84,7 +82,10 @@ def model_refusal(server_args, code: str) -> str | None:
     from sglang.srt.configs.hybrid_arch import mambaish_config
     from sglang.srt.configs.model_config import AttentionArch, ModelConfig
 
-    config = ModelConfig.from_server_args(server_args)
+    try:
+        config = ModelConfig.from_server_args(server_args)
+    except Exception:  # SGLang reports a model it cannot read, in its own words, when it starts
+        return None
     kinds = [kind for kind, applies in (
         ("multi-head latent attention (MLA), whose KV is one compressed latent row per token",
          config.attention_arch == AttentionArch.MLA),
