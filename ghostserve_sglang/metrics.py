@@ -16,8 +16,17 @@ OUTCOMES = ("rebuilt", "rebuilt_and_recomputed", "recomputed")
 LABELS = ("tp_rank", "code")
 
 
+_SERIES: dict[str, object] = {}  # one of each per process, whichever Protector asks first
+
+
+def _series(kind: type, name: str, doc: str, labels: tuple[str, ...] = LABELS, **options):
+    if name not in _SERIES:
+        _SERIES[name] = kind(name, doc, labels, **options)
+    return _SERIES[name]
+
+
 def _gauge(name: str, doc: str) -> Gauge:
-    return Gauge(name, doc, LABELS, multiprocess_mode="mostrecent")
+    return _series(Gauge, name, doc, multiprocess_mode="mostrecent")
 
 
 class Metrics:
@@ -42,9 +51,9 @@ class Metrics:
             ("ghostserve_errors_total", "Errors inside GhostServe (counted, logged once; SGLang continued)."),
             ("ghostserve_rank_restarts_total", "Times this TP rank's process died and was replaced."),
         ):
-            c[name] = Counter(name, doc, LABELS).labels(**labels)
+            c[name] = _series(Counter, name, doc).labels(**labels)
         self.counters = c
-        self.recoveries = Counter("ghostserve_recoveries_total", "Recoveries, by outcome.",
+        self.recoveries = _series(Counter, "ghostserve_recoveries_total", "Recoveries, by outcome.",
                                   (*LABELS, "outcome"))
         self.recoveries_by_outcome = {o: self.recoveries.labels(**labels, outcome=o) for o in OUTCOMES}
         g = {}
@@ -60,15 +69,15 @@ class Metrics:
         ):
             g[name] = _gauge(name, doc).labels(**labels)
         self.gauges = g
-        self.capture_seconds = Histogram(
-            "ghostserve_capture_overhead_seconds", "Time a forward step spends in GhostServe's capture on "
-            "the scheduler thread.", LABELS, buckets=LATENCY_BUCKETS).labels(**labels)
-        self.recovery_seconds = Histogram(
-            "ghostserve_recovery_duration_seconds", "Wall time of a recovery, rebuild and recompute.",
-            LABELS, buckets=LATENCY_BUCKETS).labels(**labels)
-        self.restart_phase_seconds = Histogram(
-            "ghostserve_rank_restart_phase_seconds", "Wall time of each phase of a rank replacement "
-            "(hold, join, state_transfer, flush, read, exchange, decode, scatter, recompute).",
+        self.capture_seconds = _series(
+            Histogram, "ghostserve_capture_overhead_seconds", "Time a forward step spends in GhostServe's "
+            "capture on the scheduler thread.", buckets=LATENCY_BUCKETS).labels(**labels)
+        self.recovery_seconds = _series(
+            Histogram, "ghostserve_recovery_duration_seconds", "Wall time of a recovery, rebuild and "
+            "recompute.", buckets=LATENCY_BUCKETS).labels(**labels)
+        self.restart_phase_seconds = _series(
+            Histogram, "ghostserve_rank_restart_phase_seconds", "Wall time of each phase of a rank "
+            "replacement (hold, join, state_transfer, flush, read, exchange, decode, scatter, recompute).",
             (*LABELS, "phase"), buckets=LATENCY_BUCKETS)
         self._labels = labels
         self._mirrored: dict[str, float] = {}
