@@ -65,6 +65,7 @@ def ghostserve_files() -> set[str]:
 # The refused cells: the flags, and what the one line must name.
 REFUSED = [
     (["--enable-hierarchical-cache"], "--enable-hierarchical-cache is not supported"),
+    (["--enable-lmcache"], "--enable-lmcache is not supported"),
     (["--speculative-algorithm", "NGRAM"], "--speculative-algorithm=NGRAM is not supported"),
     (["--dp-size", "2"], "--dp-size=2 is not supported"),
     (["--attn-dp-size", "2"], "--attn-dp-size=2 is not supported"),

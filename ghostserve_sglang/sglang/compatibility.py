@@ -15,6 +15,8 @@ import dataclasses
 from collections.abc import Callable
 
 _FIX = "run without it, or with --ghost-code off"
+_EXTERNAL_KV = ("it loads KV into the pool from another cache with its own kernels, past GhostServe's "
+                "capture")
 _DP_ATTENTION = ("DP attention splits the KV cache between data-parallel attention groups, and GhostServe "
                  "protects one tensor-parallel group")
 _LORA = ("a replacement rank would not have the adapters loaded while the server runs, and LoRA serving has "
@@ -42,6 +44,13 @@ REFUSED_OPTIONS = (
     RefusedOption("--enable-hierarchical-cache", _value("enable_hierarchical_cache"),
                   "HiCache copies KV between host memory and the pool with its own kernels, past "
                   "GhostServe's capture"),
+    RefusedOption("--enable-lmcache", _value("enable_lmcache"), _EXTERNAL_KV),
+    RefusedOption("--enable-flexkv", _value("enable_flexkv"), _EXTERNAL_KV),
+    RefusedOption("--enable-unified-cache-external-linker", _value("enable_unified_cache_external_linker"),
+                  _EXTERNAL_KV),
+    RefusedOption("--radix-cache-backend", _value("radix_cache_backend"),
+                  "a registered radix-cache backend may load or move KV in the pool past GhostServe's "
+                  "capture"),
     RefusedOption("--enable-hisparse", _value("enable_hisparse"),
                   "hierarchical sparse attention moves KV between host memory and the pool with its own "
                   "kernels, past GhostServe's capture"),
@@ -84,16 +93,16 @@ def model_refusal(server_args, code: str) -> str | None:
 
     try:
         config = ModelConfig.from_server_args(server_args)
-    except Exception:  # SGLang reports a model it cannot read, in its own words, when it starts
-        return None
-    kinds = [kind for kind, applies in (
-        ("multi-head latent attention (MLA), whose KV is one compressed latent row per token",
-         config.attention_arch == AttentionArch.MLA),
-        ("hybrid sliding-window attention, whose KV is two pools of different sizes",
-         config.is_hybrid_swa),
-        ("hybrid linear attention, whose per-request state is not KV rows",
-         config.attention_arch == AttentionArch.SSM or mambaish_config(config) is not None),
-    ) if applies]
+        kinds = [kind for kind, applies in (
+            ("multi-head latent attention (MLA), whose KV is one compressed latent row per token",
+             config.attention_arch == AttentionArch.MLA),
+            ("hybrid sliding-window attention, whose KV is two pools of different sizes",
+             config.is_hybrid_swa),
+            ("hybrid linear attention, whose per-request state is not KV rows",
+             config.attention_arch == AttentionArch.SSM or mambaish_config(config) is not None),
+        ) if applies]
+    except Exception:  # SGLang reports a model it cannot read, in its own words, when it starts; a pool
+        return None    # other than the MHA pool is still refused once it exists (kv.check_pool)
     if not kinds:
         return None
     architecture = ",".join(config.hf_config.architectures or ["?"])
