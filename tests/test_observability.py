@@ -4,7 +4,9 @@ real Prometheus (Debian's ``prometheus`` package)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -180,3 +182,19 @@ def test_recovery_is_logged_as_json_events_with_rank_and_step(server, workload):
     assert summaries and all({"rank", "step", "slots_rebuilt", "outcome"} <= set(e) for e in summaries)
     assert any(e.get("event") == "config" and e.get("code") == "xor" for e in events)
     assert any(e.get("event") == "scrub" and "mismatching" in e for e in events)
+
+
+def test_json_events_from_concurrent_processes_stay_one_per_line(tmp_path):
+    """Several processes logging to one unbuffered stderr, as SGLang's ranks do: every line parses."""
+    writer = ("import sys; from ghostserve_sglang import logs; import structlog; logs.configure('json'); "
+              "log = structlog.get_logger(); [log.info('scrub', rank=int(sys.argv[1]), i=i) for i in range(3000)]")
+    path = tmp_path / "shared.log"
+    with open(path, "w") as out:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+        writers = [subprocess.Popen([sys.executable, "-c", writer, str(rank)], stderr=out, env=env)
+                   for rank in range(3)]
+        assert all(w.wait(timeout=120) == 0 for w in writers)
+    lines = path.read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    assert len(events) == 9000
+    assert {(e["rank"], e["i"]) for e in events} == {(r, i) for r in range(3) for i in range(3000)}
