@@ -86,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                           "--ghost-enable-fault-injection; a drill of a process death and its replacement)")
     kill.add_argument("--rank", type=int, required=True)
     kill.add_argument("--signal", default="KILL", choices=HOWS,
-                      help="the signal the process gets; ERROR: its next forward raises instead")
+                      help="the signal the process gets; ERROR: its next forward raises instead; "
+                           "STOP (with --at hold): it stops, as a rank stuck in a collective would")
     kill.add_argument("--at", default="now", choices=MOMENTS,
                       help="now; output: just before its next output to the detokenizer (which is lost); "
                            "finish: just before its next output that finishes a request; pulled (rank 0): "
-                           "right after it pulled requests, before any other rank has them")
+                           "right after it pulled requests, before any other rank has them; hold: when it "
+                           "starts holding for the replacement of another rank that died")
     kill.add_argument("--fail-replacement", action="store_true",
                       help="the replacement started for it fails at start-up (drills the fail stop)")
     check = sub.add_parser("check-sglang", help="check the installed SGLang against the declared releases "

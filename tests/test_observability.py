@@ -187,7 +187,8 @@ def test_recovery_is_logged_as_json_events_with_rank_and_step(server, workload):
 def test_json_events_from_concurrent_processes_stay_one_per_line(tmp_path):
     """Several processes logging to one unbuffered stderr, as SGLang's ranks do: every line parses."""
     writer = ("import sys; from ghostserve_sglang import logs; import structlog; logs.configure('json'); "
-              "log = structlog.get_logger(); [log.info('scrub', rank=int(sys.argv[1]), i=i) for i in range(3000)]")
+              "log = structlog.get_logger(); "
+              "[log.info('scrub', rank=int(sys.argv[1]), i=i) for i in range(3000)]")
     path = tmp_path / "shared.log"
     with open(path, "w") as out:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}

@@ -123,4 +123,6 @@ def test_the_cli_drill_needs_fault_injection_and_names_bad_values(server):
     assert usage.returncode == 2 and "invalid choice: 'HUP'" in usage.stderr
     pulled = server.ghostserve("kill-rank", "--rank", "1", "--at", "pulled")
     assert pulled.returncode == 2 and "at='pulled' is for rank 0 only" in pulled.stderr
+    stop = server.ghostserve("kill-rank", "--rank", "1", "--signal", "STOP")
+    assert stop.returncode == 2 and "signal='STOP' with at='now' is not allowed" in stop.stderr
     assert not [n for n in os.listdir("/dev/shm") if "drill-fail-replacement" in n]

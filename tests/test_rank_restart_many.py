@@ -58,6 +58,29 @@ def test_up_to_m_dead_ranks_are_replaced_and_rebuilt(server, ranks, how, seed, a
         assert "another rank lost during the replacement" in server.log()[log_before:]
 
 
+def test_a_survivor_that_never_reaches_the_rendezvous_is_ended_and_replaced_too(server):
+    """Rank 1 stops as it starts holding for rank 2's replacement, as a rank blocked in a collective its
+    peers have left would (gloo fails no wait on a live connection). The supervisor ends it once rank 0
+    has waited ``STRAGGLER_SECONDS`` at the rendezvous and replaces both; parity (m=2) covers both."""
+    armed = server.control("kill-rank", rank=1, signal="STOP", at="hold")
+    assert armed["at"] == "hold", armed
+    before = server.control("status")["ranks"]
+    log_before = len(server.log())
+    mix = request_mix(random.Random(35), requests=7) + [LONG_PROMPT]
+    trial = run_kill_trial(server, 35, ranks=[2], how="KILL", after_steps=10, mix=mix)
+    assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
+    assert trial.restart["lost_ranks"] == [1, 2] and trial.restart["slots_rebuilt"] > 0, trial.restart
+    assert trial.scrub["mismatching"] == 0 and trial.scrub["not_durable"] == 0, trial.scrub
+    after = server.control("status")["ranks"]
+    assert after[1]["pid"] != before[1]["pid"] and after[1]["restarts"] == before[1]["restarts"] + 1
+    assert after[0]["pid"] == before[0]["pid"]
+    log = server.log()[log_before:]
+    assert "rank did not reach the rendezvous; ending it so that it is replaced too" in log
+    pid = f"pid={before[1]['pid']}"
+    assert [line for line in log.splitlines() if "rank process died" in line and pid in line
+            and "did not reach the rendezvous and was ended" in line]
+
+
 def test_with_no_survivor_the_server_fails_stop_with_an_error_for_every_request(server):
     pids = [r["pid"] for r in server.control("status")["ranks"]]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:

@@ -11,10 +11,13 @@ import threading
 from ..store.segment import SHM_DIR
 
 SIGNALS = ("KILL", "TERM", "SEGV")
-HOWS = (*SIGNALS, "ERROR")  # ERROR: the rank's next forward raises, and SGLang ends the process
+# ERROR: the rank's next forward raises, and SGLang ends the process; STOP (with --at hold only): the
+# process stops and never reaches the rendezvous, as one blocked in a collective would.
+HOWS = (*SIGNALS, "ERROR", "STOP")
 # When: at once; before its next output; before its next output that finishes a request; (rank 0) right
-# after it pulled requests from the tokenizer, before it broadcast them to the other ranks.
-MOMENTS = ("now", "output", "finish", "pulled")
+# after it pulled requests from the tokenizer, before it broadcast them to the other ranks; when it
+# starts holding for the replacement of another rank that died.
+MOMENTS = ("now", "output", "finish", "pulled", "hold")
 KILL_DELAY_SECONDS = 0.2  # the reply leaves rank 0 before the target goes
 FORWARD_ERROR = threading.Event()  # set on the target rank: its next forward raises
 AT_MOMENT: dict = {}  # on the target rank, for a moment other than "now": {"moment": ..., "how": ...}
@@ -39,6 +42,9 @@ def kill_rank(protector, rank: int, how: str, fail_replacement: bool = False,
         return {"error": f"signal={how!r} is not allowed; allowed: {', '.join(HOWS)}"}
     if moment not in MOMENTS:
         return {"error": f"at={moment!r} is not allowed; allowed: {', '.join(MOMENTS)}"}
+    if how == "STOP" and moment != "hold":
+        return {"error": f"signal='STOP' with at={moment!r} is not allowed: STOP goes with at='hold' "
+                         "(a rank stopped outside a replacement is no death the supervisor could see)"}
     if moment == "pulled" and rank != 0:
         return {"error": f"at='pulled' is for rank 0 only (it alone pulls requests); got rank={rank}"}
     pids = protector.call(lambda: protector.gather_objects(os.getpid()))
@@ -77,6 +83,12 @@ def _end(rank: int, where: str) -> None:
     if how == "ERROR":
         raise DrillError(f"ghostserve drill: TP rank {rank}'s {where} raised (kill-rank --signal ERROR)")
     os.kill(os.getpid(), getattr(signal, f"SIG{how}"))
+
+
+def at_hold(rank: int) -> None:
+    """On the target of a ``kill-rank --at hold`` drill: end (or stop) here, as it starts holding."""
+    if AT_MOMENT.get("moment") == "hold":
+        _end(rank, "hold")
 
 
 def before_forward(rank: int) -> None:

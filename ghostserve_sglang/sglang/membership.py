@@ -8,7 +8,9 @@ renamed into place, so a reader never sees half of it.
 Before a rank enters the rendezvous of a generation it leaves an arrival mark and waits for every
 rank's (``arrive``, ``gathered``). A rank that dies before that point (a second death during a
 replacement) then never holds the others in a rendezvous that cannot complete: they see the next
-generation announced instead and go on to that one.
+generation announced instead and go on to that one. A survivor that never arrives while another has
+is stuck in a collective its peers have left (gloo does not fail such a wait): the supervisor ends it
+and replaces it too.
 """
 
 from __future__ import annotations
@@ -69,11 +71,16 @@ def arrive(instance_id: str, generation: int, rank: int) -> None:
     open(_mark(instance_id, generation, rank), "w").close()
 
 
+def arrived(instance_id: str, generation: int, ranks: list[int]) -> list[int]:
+    """Those of ``ranks`` that have arrived at ``generation``."""
+    return [r for r in ranks if os.path.exists(_mark(instance_id, generation, r))]
+
+
 def gathered(instance_id: str, generation: int, ranks: int, timeout_s: float) -> bool:
     """Wait until all ``ranks`` ranks have arrived at ``generation``; False as soon as a later one is
     announced (or after ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
-    while not all(os.path.exists(_mark(instance_id, generation, r)) for r in range(ranks)):
+    while len(arrived(instance_id, generation, list(range(ranks)))) < ranks:
         current = read(instance_id)
         if (current is not None and current["generation"] > generation) or time.monotonic() > deadline:
             return False

@@ -20,7 +20,7 @@ import structlog
 import torch
 import torch.distributed as dist
 
-from . import handover, membership, snapshot
+from . import drills, handover, membership, snapshot
 from .regroup import Transcript
 
 log = structlog.get_logger("ghostserve.rejoin")
@@ -68,6 +68,8 @@ def hold(scheduler, protector, exc: BaseException, phase: str, batch=None) -> bo
     announced = membership.wait_for(MEMBERS.instance_id, MEMBERS.generation, ANNOUNCEMENT_WAIT_SECONDS)
     if announced is None:
         raise exc
+    if protector.settings.enable_fault_injection:
+        drills.at_hold(protector.rank)
     started = time.monotonic()
     log.warning("peer lost; holding for its replacement", rank=protector.rank, step=protector.step,
                 phase=phase, lost_ranks=announced["replaced"], generation=announced["generation"],

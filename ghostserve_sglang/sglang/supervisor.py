@@ -8,10 +8,14 @@ Under GhostServe the supervisor owns that decision. It polls the scheduler proce
 ``POLL_SECONDS``; when one has died it logs which rank and how (exit code or signal), announces a fresh
 rendezvous in the membership file, and starts a replacement process for that rank with the same
 arguments. The survivors hold meanwhile; the replacement joins them, receives their state and has its
-KV rebuilt (``rejoin``), then reports ready through its pipe as at start-up. If it has not done so by
-``--ghost-rejoin-timeout-seconds``, or it dies, or another rank dies meanwhile, the outcome is a clean
-fail stop: every request still pending gets an error response naming the cause, the process tree is
-stopped, and one log line says why. Deaths of other processes (the detokenizer) keep SGLang's handling.
+KV rebuilt (``rejoin``), then reports ready through its pipe as at start-up. If another rank dies
+meanwhile, the replacement starts again with that rank included. A survivor that has not reached the
+rendezvous ``STRAGGLER_SECONDS`` after the announcement, while another survivor has, is stuck in a
+collective its peers have left: the supervisor ends it (SIGKILL) and it is replaced with the others. If
+no rank survives, a replacement dies, or the replacements have not joined by
+``--ghost-rejoin-timeout-seconds``, the outcome is a clean fail stop: every request still pending gets an
+error response naming the cause, the process tree is stopped, and one log line says why. Deaths of other
+processes (the detokenizer) keep SGLang's handling.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ log = structlog.get_logger("ghostserve.supervisor")
 POLL_SECONDS = 0.2
 FAIL_STOP_GRACE_SECONDS = 1.0  # lets the error responses reach their clients
 REPORT_WAIT_SECONDS = 60.0
+STRAGGLER_SECONDS = 20.0  # a survivor reaches the rendezvous within a second or two of the announcement
 EVENT_LOOP_TIMEOUT_SECONDS = 30.0  # how long a scheduler that reported a failure (SIGQUIT) may take to exit
 
 
@@ -60,6 +65,7 @@ class Supervisor:
         self.generation = 0
         self.started_at = 0.0  # when the scheduler processes were adopted (wall clock)
         self.restarts: dict[int, int] = {}
+        self.stuck: set[int] = set()  # pids ended for not reaching a rendezvous
         self.deaths = 0
         self.serving = False  # every scheduler reported ready at start
         self.replacing = False  # a replacement has been started and has not joined yet
@@ -119,9 +125,13 @@ class Supervisor:
         self.deaths += len(dead)
         for rank, process in dead:
             log.error("rank process died", rank=rank, pid=process.pid, exitcode=process.exitcode,
-                      how=describe_exit(process.exitcode))
-        return ", and ".join(f"TP rank {r}'s scheduler process (pid {p.pid}) {describe_exit(p.exitcode)}"
-                             for r, p in dead)
+                      how=self._how(process))
+        return ", and ".join(f"TP rank {r}'s scheduler process (pid {p.pid}) {self._how(p)}" for r, p in dead)
+
+    def _how(self, process) -> str:
+        if process.pid in self.stuck:
+            return "did not reach the rendezvous and was ended"
+        return describe_exit(process.exitcode)
 
     def _on_death(self, dead: list) -> None:
         cause = self._describe(dead)
@@ -142,8 +152,9 @@ class Supervisor:
             self.generation += 1
             port = _free_port()
             membership.announce(self.instance_id, self.generation, port, ranks)
+            announced = time.monotonic()
             spawned = {rank: self._spawn(rank, port) for rank in ranks}
-            more = self._await_join(spawned, deadline, cause)
+            more = self._await_join(spawned, deadline, cause, announced)
             if not more:
                 break
             for process, *pipes in spawned.values():  # this attempt is void: start again with them
@@ -191,15 +202,18 @@ class Supervisor:
         log.warning("replacing rank", rank=rank, pid=replacement.pid, generation=self.generation, port=port)
         return replacement, reader, questions
 
-    def _await_join(self, spawned: dict, deadline: float, cause: str) -> list:
+    def _await_join(self, spawned: dict, deadline: float, cause: str, announced: float) -> list:
         """Wait until every replacement in ``spawned`` reported ready. Returns the other ranks that
-        died meanwhile (then the caller starts again), or ``[]`` once all have joined."""
+        died (or were ended as stuck) meanwhile, then the caller starts again; ``[]`` once all have
+        joined."""
         joined: set[int] = set()
         while len(joined) < len(spawned):
             time.sleep(POLL_SECONDS)
             more = self._dead(excluding=set(spawned))
             if more:
                 return more
+            if time.monotonic() - announced > STRAGGLER_SECONDS:
+                self._end_stragglers(set(spawned))
             for rank, (process, reader, questions) in spawned.items():
                 if questions is not None and not questions.closed and questions.poll():
                     self._answer(questions)
@@ -223,6 +237,23 @@ class Supervisor:
             if questions is not None:
                 questions.close()
         return []
+
+    def _end_stragglers(self, replaced: set[int]) -> None:
+        """End the survivors that have not reached this generation's rendezvous while another survivor
+        has. Such a rank is blocked in a collective whose other members have left it (gloo fails a
+        wait only on a closed connection, and a peer that moved on keeps its connections open), so it
+        would never arrive. Ended, it is found dead by the next poll and replaced with the others."""
+        survivors = [r for r in range(len(self.processes)) if r not in replaced]
+        arrived = membership.arrived(self.instance_id, self.generation, survivors)
+        if not arrived:
+            return
+        for rank in survivors:
+            if rank not in arrived and self.processes[rank].exitcode is None:
+                log.error("rank did not reach the rendezvous; ending it so that it is replaced too",
+                          rank=rank, pid=self.processes[rank].pid, generation=self.generation,
+                          waited_seconds=STRAGGLER_SECONDS, arrived=arrived)
+                self.stuck.add(self.processes[rank].pid)
+                self.processes[rank].kill()
 
     def _answer(self, questions) -> None:
         """A question from rank 0's replacement (handover); a closed pipe is left to the wait loop."""
