@@ -248,12 +248,13 @@ class Supervisor:
         if not arrived:
             return
         for rank in survivors:
-            if rank not in arrived and self.processes[rank].exitcode is None:
+            process = self.processes[rank]
+            if rank not in arrived and process.exitcode is None and process.pid not in self.stuck:
                 log.error("rank did not reach the rendezvous; ending it so that it is replaced too",
-                          rank=rank, pid=self.processes[rank].pid, generation=self.generation,
+                          rank=rank, pid=process.pid, generation=self.generation,
                           waited_seconds=STRAGGLER_SECONDS, arrived=arrived)
-                self.stuck.add(self.processes[rank].pid)
-                self.processes[rank].kill()
+                self.stuck.add(process.pid)
+                process.kill()
 
     def _answer(self, questions) -> None:
         """A question from rank 0's replacement (handover); a closed pipe is left to the wait loop."""
