@@ -124,13 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     if chosen.enabled and server_args.tp_size > 1 and not server_args.disable_overlap_schedule:
         # A replacement rank resumes SGLang's plain loop; one rank alone has no survivor to rejoin.
         server_args = prepare_server_args([*sglang_argv, "--disable-overlap-schedule"])
-    try:
-        chosen.check_topology(server_args.tp_size)
-        if chosen.enabled and not chosen.allow_unsupported_sglang:
+    if chosen.enabled and not chosen.allow_unsupported_sglang:
+        try:
             check_supported()
-    except (SettingsError, PatchError) as exc:
-        _fail(exc)
-    refused = compatibility.refusal(server_args, chosen.code) if chosen.enabled else None
+        except PatchError as exc:
+            _fail(exc)
+    refused = compatibility.refusal(server_args, chosen) if chosen.enabled else None
     if refused is not None:
         _fail(refused)
     environment = chosen.to_env()

@@ -117,16 +117,21 @@ def test_refused_at_start_in_one_line_leaving_nothing(flags, named, tmp_path):
     assert not left_behind(launcher.pid, port)
 
 
-def test_plain_sglang_launch_server_refuses_what_the_launcher_would(tmp_path):
+@pytest.mark.parametrize("model, env, named", [
+    ("mla", {"GHOSTSERVE_CODE": "replicate"}, ["--model-path=", "uses multi-head latent attention (MLA)"]),
+    (None, {"GHOSTSERVE_CODE": "xor", "GHOSTSERVE_PARITY_SHARDS": "2"},
+     ["--ghost-parity-shards=2 is not allowed with --ghost-code=xor", "xor has exactly 1 parity shard"]),
+], ids=["mla", "xor-with-two-parity-shards"])
+def test_plain_sglang_launch_server_refuses_what_the_launcher_would(model, env, named, tmp_path):
     # No launcher: the scheduler process refuses before its scheduler is built.
-    server, port = start("sglang.launch_server", model_folder(tmp_path, "mla"), ["--load-format", "dummy"],
-                         {"GHOSTSERVE_CODE": "replicate"})
+    model = model_folder(tmp_path, model) if model else str(models.path())
+    server, port = start("sglang.launch_server", model, ["--load-format", "dummy"], env)
     out, err = server.communicate(timeout=400)
     assert server.returncode != 0, err[-3000:]
     refusals = [line for line in err.splitlines() if "refused to start" in line]
     assert len(refusals) == 1, err[-3000:]
-    assert refusals[0].startswith("ghostserve: a scheduler process refused to start: --model-path=")
-    assert "uses multi-head latent attention (MLA)" in refusals[0]
+    assert refusals[0].startswith(f"ghostserve: a scheduler process refused to start: {named[0]}"), refusals
+    assert all(part in refusals[0] for part in named), refusals
     assert not left_behind(server.pid, port)
 
 

@@ -3,7 +3,8 @@
 GhostServe protects the KV cache of one tensor-parallel group held in SGLang's MHA pool
 (``MHATokenToKVPool``), written only through the calls the patch table wraps. A server option that adds
 KV GhostServe does not see (a draft model's, a host tier's, another data-parallel group's) or a model
-whose KV has another shape is refused before anything starts, with one line naming the option. The same
+whose KV has another shape is refused before anything starts, with one line naming the option, as is a
+parity code the tensor-parallel size cannot carry (``Settings.check_topology``). The same
 rules run in two places: in the launcher before SGLang starts, and in every scheduler process before its
 scheduler is built (a server started by ``python -m sglang.launch_server`` with ``GHOSTSERVE_*`` set).
 The KV pool itself is checked again once it exists (``kv.check_pool``).
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+
+from ..settings import SettingsError
 
 _FIX = "run without it, or with --ghost-code off"
 _EXTERNAL_KV = ("it loads KV into the pool from another cache with its own kernels, past GhostServe's "
@@ -111,6 +114,11 @@ def model_refusal(server_args, code: str) -> str | None:
             "MHATokenToKVPool; run it with --ghost-code off")
 
 
-def refusal(server_args, code: str) -> str | None:
-    """What GhostServe refuses in this server, in one line; None when it can protect it."""
-    return option_refusal(server_args, code) or model_refusal(server_args, code)
+def refusal(server_args, settings) -> str | None:
+    """What GhostServe refuses in this server with these ``Settings``, in one line; None when it can
+    protect it."""
+    try:
+        settings.check_topology(server_args.tp_size)
+    except SettingsError as exc:
+        return str(exc)
+    return option_refusal(server_args, settings.code) or model_refusal(server_args, settings.code)

@@ -65,7 +65,7 @@ def scheduler_init(wrapped, instance, args, kwargs):
 
     server_args = _arg(args, kwargs, 0, "server_args")
     instance_id = STATE.settings.instance_id or str(server_args.port)
-    refused = compatibility.refusal(server_args, STATE.settings.code)
+    refused = compatibility.refusal(server_args, STATE.settings)
     if refused is not None:  # a server started without the launcher, which checks this before the start
         refusal.refuse(instance_id, refused)
     rejoin.MEMBERS.instance_id = instance_id
