@@ -16,11 +16,11 @@ import time
 import psutil
 import pytest
 import torch
-from protector_rig import make_protector, stop, written
 
 from ghostserve_sglang import models
 from ghostserve_sglang.campaign import LONG_PROMPT, request_mix, run_kill_trial, run_trial
 from ghostserve_sglang.local_server import free_port, launched
+from ghostserve_sglang.testing.rig import make_protector, stop, written
 
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1",
          "--ghost-rejoin-timeout-seconds", "240"]

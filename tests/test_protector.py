@@ -7,9 +7,9 @@ import threading
 
 import pytest
 import torch
-from protector_rig import make_protector, stop, written
 
 from ghostserve_sglang.sglang.work_queue import WorkQueue
+from ghostserve_sglang.testing.rig import make_protector, stop, written
 
 SLOTS = 256
 PART = 16  # 1 MiB queue / (4 parts x 16 KiB a slot: 4 layers x K and V x 8 heads x 64 x 4 bytes)
@@ -24,9 +24,11 @@ def protector():
 
 @pytest.fixture
 def sizes(protector, monkeypatch):
-    """The number of slots of every KV gather and scatter the protector makes."""
+    """The number of slots of every KV gather (capture, scrub, rebuild: cut into columns) and scatter
+    the protector makes."""
     seen = {"gather": [], "scatter": []}
-    for name, calls in seen.items():
+    for key, calls in seen.items():
+        name = {"gather": "gather_columns"}.get(key, key)
         original = getattr(protector.kv, name)
         monkeypatch.setattr(protector.kv, name, lambda slots, *a, _o=original, _c=calls, **k: (
             _c.append(len(slots)), _o(slots, *a, **k))[1])

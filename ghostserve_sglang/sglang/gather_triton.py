@@ -1,7 +1,12 @@
-"""Triton gather of the written slots' K and V rows from every layer into one staging tensor: the GPU
-capture path (one launch per step, no Python per layer). Layers are addressed through a table of their
-buffers' addresses, so the pool's per-layer tensors are read in place. Runs on CPU tensors under
-``TRITON_INTERPRET=1``, which is how it is tested without a GPU."""
+"""Triton gather of the written slots' K and V rows from every layer, already cut into the columns the
+exchange sends: the GPU capture path (one launch per step, no Python per layer, no copy after it).
+
+Layers are addressed through a table of their buffers' addresses, so the pool's per-layer tensors are
+read in place. Each slot-layer's K bytes then V bytes (``2 * half`` bytes) are cut into ``ranks``
+columns of ``column`` bytes, zero-padded at the end; the output is ``[ranks, n, layers, column]``,
+entry j the columns rank j encodes (with ``ranks == 1`` and ``column == 2 * half``: the plain rows).
+Runs on CPU tensors under ``TRITON_INTERPRET=1``, which is how it is tested without a GPU.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +14,26 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK = 256
-
 
 @triton.jit
-def _gather_kernel(k_table, v_table, slots_ptr, out_ptr, half, layers, BLOCK: tl.constexpr):
+def _gather_kernel(k_table, v_table, slots_ptr, out_ptr, n, half, layers, ranks, column,
+                   BLOCK: tl.constexpr):
     i = tl.program_id(0)
     layer = tl.program_id(1)
+    # Offsets in 64 bits: a slot's row can start more than 2^31 bytes into its layer.
     slot = tl.load(slots_ptr + i).to(tl.int64)
-    k_base = tl.load(k_table + layer).to(tl.pointer_type(tl.uint8))
-    v_base = tl.load(v_table + layer).to(tl.pointer_type(tl.uint8))
-    dst = out_ptr + (i.to(tl.int64) * layers + layer) * 2 * half
-    for start in range(0, half, BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < half
-        tl.store(dst + offsets, tl.load(k_base + slot * half + offsets, mask=mask), mask=mask)
-        tl.store(dst + half + offsets, tl.load(v_base + slot * half + offsets, mask=mask), mask=mask)
+    k_row = tl.load(k_table + layer).to(tl.pointer_type(tl.uint8)) + slot * half
+    v_row = tl.load(v_table + layer).to(tl.pointer_type(tl.uint8)) + slot * half
+    row_stride = n.to(tl.int64) * layers * column  # between two ranks' entries of the output
+    dst = out_ptr + (i.to(tl.int64) * layers + layer) * column
+    for j in range(ranks):
+        for start in range(0, column, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            in_column = offsets < column
+            byte = j * column + offsets  # within the slot-layer's K bytes then V bytes
+            k = tl.load(k_row + byte, mask=in_column & (byte < half), other=0)
+            v = tl.load(v_row + byte - half, mask=in_column & (byte >= half) & (byte < 2 * half), other=0)
+            tl.store(dst + j * row_stride + offsets, k | v, mask=in_column)
 
 
 def address_table(buffers: list[torch.Tensor]) -> torch.Tensor:
@@ -32,9 +41,14 @@ def address_table(buffers: list[torch.Tensor]) -> torch.Tensor:
 
 
 def gather(k_table: torch.Tensor, v_table: torch.Tensor, slots: torch.Tensor, half_bytes: int,
-           layers: int) -> torch.Tensor:
-    """``[len(slots), layers, 2 * half_bytes]`` uint8: each slot's K bytes then V bytes per layer."""
-    out = torch.empty((len(slots), layers, 2 * half_bytes), dtype=torch.uint8, device=slots.device)
-    if len(slots):
-        _gather_kernel[(len(slots), layers)](k_table, v_table, slots, out, half_bytes, layers, BLOCK=_BLOCK)
+           layers: int, ranks: int = 1, column: int | None = None) -> torch.Tensor:
+    """``[ranks, len(slots), layers, column]`` uint8: each slot's K bytes then V bytes per layer, cut
+    into ``ranks`` columns of ``column`` bytes (default: one column of the whole row)."""
+    column = column or 2 * half_bytes
+    n = len(slots)
+    out = torch.empty((ranks, n, layers, column), dtype=torch.uint8, device=slots.device)
+    if n:
+        block = min(1024, triton.next_power_of_2(column))
+        _gather_kernel[(n, layers)](k_table, v_table, slots, out, n, half_bytes, layers, ranks, column,
+                                    BLOCK=block)
     return out

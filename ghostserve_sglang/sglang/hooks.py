@@ -19,7 +19,7 @@ from ..control import ControlRequest
 from ..settings import Settings
 from ..store import StoreError
 from . import compatibility, drills, handover
-from .kv import UnsupportedPool
+from .kv import UnsupportedPool, check_pool
 
 log = structlog.get_logger("ghostserve.hooks")
 
@@ -78,6 +78,7 @@ def scheduler_init(wrapped, instance, args, kwargs):
     with rejoin.MEMBERS.transcript.recording():
         wrapped(*args, **kwargs)
         try:
+            check_pool(instance.tp_worker.model_runner.token_to_kv_pool)
             STATE.protector = Protector(STATE.settings, instance.tp_worker.model_runner, instance_id,
                                         get_parallel().tp_group, replacement=generation is not None)
         except (UnsupportedPool, StoreError) as exc:

@@ -4,6 +4,7 @@ set of slots the allocator holds live."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..store.geometry import DTYPES
 
@@ -47,6 +48,16 @@ def check_pool(pool) -> None:
                               "(SGLANG_ENABLE_POST_CAPTURE_KV_SIZING); GhostServe needs a fixed pool")
 
 
+def cut_columns(rows: torch.Tensor, ranks: int, column: int) -> torch.Tensor:
+    """``rows`` (``[n, layers, width]``) cut into ``ranks`` columns of ``column`` bytes, zero-padded:
+    ``[ranks, n, layers, column]``, entry j the columns rank j encodes."""
+    n, layers, width = rows.shape
+    if ranks == 1 and column == width:
+        return rows.unsqueeze(0)
+    padded = F.pad(rows, (0, ranks * column - width)) if ranks * column != width else rows
+    return padded.view(n, layers, ranks, column).permute(2, 0, 1, 3).contiguous()
+
+
 class KVView:
     """One rank's MHA KV pool seen as bytes: slot s in layer l is K bytes then V bytes."""
 
@@ -76,21 +87,27 @@ class KVView:
         return k.view(torch.uint8).view(self.slots, -1), v.view(torch.uint8).view(self.slots, -1)
 
     def gather(self, slots: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
-        """[len(slots), layers, slot_layer_bytes] uint8 copy of the slots' K and V bytes; by a Triton
-        kernel on GPU, by torch on CPU."""
+        """[len(slots), layers, slot_layer_bytes] uint8 copy of the slots' K and V bytes."""
+        return self.gather_columns(slots, 1, self.slot_layer_bytes, use_triton)[0]
+
+    def gather_columns(self, slots: torch.Tensor, ranks: int, column: int,
+                       use_triton: bool | None = None) -> torch.Tensor:
+        """The slots' K and V bytes cut for the exchange: ``[ranks, len(slots), layers, column]`` uint8,
+        entry j holding bytes ``[j * column, (j + 1) * column)`` of each slot-layer (zero past its end).
+        By one Triton launch on GPU, by torch on CPU."""
         slots = slots.to(self.pool.k_buffer[0].device, torch.int64)
         if use_triton if use_triton is not None else slots.is_cuda:
-            return self._gather_triton(slots)
-        out = torch.empty((len(slots), self.layers, self.slot_layer_bytes), dtype=torch.uint8,
-                          device=slots.device)
+            return self._gather_triton(slots, ranks, column)
+        rows = torch.empty((len(slots), self.layers, self.slot_layer_bytes), dtype=torch.uint8,
+                           device=slots.device)
         half = self.half_bytes
         for layer in range(self.layers):
             k, v = self._rows(layer)
-            out[:, layer, :half] = k.index_select(0, slots)
-            out[:, layer, half:] = v.index_select(0, slots)
-        return out
+            rows[:, layer, :half] = k.index_select(0, slots)
+            rows[:, layer, half:] = v.index_select(0, slots)
+        return cut_columns(rows, ranks, column)
 
-    def _gather_triton(self, slots: torch.Tensor) -> torch.Tensor:
+    def _gather_triton(self, slots: torch.Tensor, ranks: int, column: int) -> torch.Tensor:
         from . import gather_triton
 
         buffers = (self.pool.k_buffer, self.pool.v_buffer)
@@ -98,7 +115,7 @@ class KVView:
         if getattr(self, "_tables_key", None) != key:  # built once; rebuilt if the pool is reallocated
             self._tables = [gather_triton.address_table(b) for b in buffers]
             self._tables_key = key
-        return gather_triton.gather(*self._tables, slots, self.half_bytes, self.layers)
+        return gather_triton.gather(*self._tables, slots, self.half_bytes, self.layers, ranks, column)
 
     def scatter(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Write ``rows`` (as returned by ``gather``) back into the pool at ``slots``."""

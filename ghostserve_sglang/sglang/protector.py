@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import datetime
 import os
 import queue
 import signal
@@ -25,16 +24,16 @@ import time
 import structlog
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from ..codec import new_code
 from ..control import ControlRequest, ControlServer
 from ..settings import Settings
 from ..store.drain import ParityDrain
 from ..store.geometry import StoreGeometry
 from ..store.segment import SHM_DIR, ParitySegment, check_space, segment_path
 from . import drills, membership, recovery, rejoin
-from .kv import KVView, check_pool, live_slots
+from .collectives import TPCollectives
+from .column_encoder import ColumnEncoder
+from .kv import KVView, live_slots
 from .rejoin import peer_lost
 from .work_queue import WorkQueue
 
@@ -42,7 +41,6 @@ log = structlog.get_logger("ghostserve.protector")
 
 AUTO_QUEUE_FRACTION, AUTO_QUEUE_MIN_BYTES = 1 / 64, 16 << 20  # --ghost-capture-queue-mib 0
 PARTS_PER_QUEUE = 4  # a write larger than a quarter of the queue bound is captured in parts
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
 DRILLS = ("inject-fault", "corrupt-parity", "drain", "kill-rank")  # need --ghost-enable-fault-injection
 
 
@@ -61,43 +59,33 @@ def capture_queue_bytes(settings: Settings, kv: KVView) -> int:
     return max(AUTO_QUEUE_MIN_BYTES, int(kv.slots * kv.slot_bytes * AUTO_QUEUE_FRACTION))
 
 
-def cut_columns(rows: torch.Tensor, ranks: int, column: int) -> torch.Tensor:
-    """``rows`` (``[n, layers, width]``) cut into ``ranks`` columns of ``column`` bytes, zero-padded:
-    ``[ranks, n, layers, column]``, entry j the columns rank j encodes."""
-    n, layers, width = rows.shape
-    padded = F.pad(rows, (0, ranks * column - width)) if ranks * column != width else rows
-    return padded.view(n, layers, ranks, column).permute(2, 0, 1, 3).contiguous()
-
-
 class Protector:
+    """``model_runner`` gives the pool (checked first by ``kv.check_pool``) and its allocator;
+    ``collectives`` replaces the TP group's own (``TPCollectives``), for ranks emulated on one device."""
+
     def __init__(self, settings: Settings, model_runner, instance_id: str, tp_group,
-                 replacement: bool = False) -> None:
+                 replacement: bool = False, collectives=None) -> None:
         self.settings = settings
         self.instance_id = instance_id
         self.model_runner = model_runner
         self.allocator = model_runner.token_to_kv_pool_allocator
-        check_pool(model_runner.token_to_kv_pool)
         self.kv = KVView(model_runner.token_to_kv_pool)
         self.rank, self.ranks = tp_group.rank_in_group, tp_group.world_size
         code = "replicate" if settings.code == "file" else settings.code  # file: the same layout, on disk
         parity_shards = self.ranks if code == "replicate" else settings.parity_shards
         self.geometry = StoreGeometry(code, self.ranks, parity_shards, self.kv.dtype_name, self.kv.heads,
                                       self.kv.head_dim, self.kv.layers, self.kv.slots)
-        self.codec = new_code(code, self.ranks, parity_shards)
         self.device = self.kv.pool.k_buffer[0].device
+        self.encoder = ColumnEncoder(code, self.ranks, parity_shards, self.device)
+        self.codec = self.encoder.code
+        # How captured rows are cut: into every rank's column for the exchange, or whole (replicate).
+        self.exchanges = code != "replicate"
+        self.cut = ((self.ranks, self.geometry.column_bytes) if self.exchanges
+                    else (1, self.kv.slot_layer_bytes))
         # Slots written since they were last freed, on the scheduler thread. With a page size above 1 an
         # allocated page's later slots hold no KV until the request reaches them: nothing to protect.
         self.written = torch.zeros(self.kv.slots, dtype=torch.bool, device=self.device)
-        # Our own groups: control collectives over gloo; the column exchange over gloo on CPU and over a
-        # separate NCCL communicator on GPU. Created by every rank at the same point (scheduler init).
-        # A collective that one rank never joins (an error there) fails after COLLECTIVE_TIMEOUT instead
-        # of hanging its peers.
-        self.group = None
-        if self.ranks > 1:
-            self.group = dist.new_group(tp_group.ranks, backend="gloo", timeout=COLLECTIVE_TIMEOUT)
-        self.exchange_group = self.group
-        if self.ranks > 1 and self.device.type == "cuda" and code != "replicate":
-            self.exchange_group = dist.new_group(tp_group.ranks, backend="nccl", timeout=COLLECTIVE_TIMEOUT)
+        self.collectives = collectives or TPCollectives(tp_group, self.device, self.exchanges)
         ring_entries = max(1, settings.staging_mib * 2**20 // self.geometry.record_bytes)
         on_disk = settings.code == "file"
         directory = settings.file_dir if on_disk else SHM_DIR
@@ -171,8 +159,8 @@ class Protector:
         for part in slots.split(self.chunk_slots):
             self.step += 1
             self.metrics.add("ghostserve_steps_captured_total")
-            rows = self.kv.gather(part)
-            self._queue.put(("step", self.step, part.clone(), rows, time.monotonic()), rows.nbytes)
+            columns = self.kv.gather_columns(part, *self.cut)
+            self._queue.put(("step", self.step, part.clone(), columns, time.monotonic()), columns.nbytes)
 
     def on_free(self, slots: torch.Tensor) -> None:
         self.raise_failure()
@@ -369,11 +357,11 @@ class Protector:
                 result = exc
         return result
 
-    def _encode_step(self, step: int, slots: torch.Tensor, rows: torch.Tensor, captured_at: float) -> None:
+    def _encode_step(self, step: int, slots: torch.Tensor, columns: torch.Tensor, captured_at: float) -> None:
+        """Exchange, encode, stage: a fixed number of launches, no host synchronisation. Slot 0 (padded
+        tokens' writes, never live) goes along; the drain skips it."""
         started = time.perf_counter()
-        keep = slots.cpu() != 0  # slot 0 takes padded tokens' writes; never live
-        slots, rows = slots.cpu()[keep], rows[keep.to(rows.device)]
-        records = self.encode(rows)
+        records = self.encoder.encode(self.collectives.all_to_all(columns) if self.exchanges else columns)
         self.drain.submit(step, slots, records, captured_at)
         self.metrics.add("ghostserve_parity_produced_bytes_total", records.numel())
         self.seconds["worker"] += time.perf_counter() - started
@@ -422,42 +410,26 @@ class Protector:
             log.error("ghostserve error; protection of affected slots is lost", where=where,
                       rank=self.rank, step=self.step, error=repr(exc), exc_info=exc)
 
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        """This rank's parity records ``[n, record_bytes]`` for the slots whose bytes are ``rows``
-        (``[n, layers, slot_layer_bytes]``, the same slots on every rank). Collective for xor and rs."""
-        n = rows.shape[0]
-        if self.geometry.code == "replicate":
-            return rows.reshape(n, -1)
-        if n == 0:
-            return rows.new_empty((0, self.geometry.record_bytes))
-        parity = self.codec.encode(list(self.columns_to_encoders(rows).unbind(0)))  # m x [n, L, column]
-        return torch.stack(parity, dim=2).reshape(n, -1)
+    def encode_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """This rank's parity records ``[n, record_bytes]`` of ``slots`` as the pool holds them now (the
+        same slots on every rank). Collective for xor and rs."""
+        columns = self.kv.gather_columns(slots, *self.cut)
+        return self.encoder.encode(self.all_to_all(columns) if self.exchanges else columns)
 
     # -- collectives on GhostServe's own groups (worker thread) ------------------------------------
-    def columns_to_encoders(self, rows: torch.Tensor) -> torch.Tensor:
+    def exchange_columns(self, slots: torch.Tensor) -> torch.Tensor:
         """Cut each slot-layer's bytes into ``ranks`` columns and send column j to rank j: returns
         ``[ranks, n, layers, column_bytes]`` where entry i is rank i's column of this rank's index."""
-        return self.all_to_all(cut_columns(rows, self.ranks, self.geometry.column_bytes))
+        return self.all_to_all(self.kv.gather_columns(slots, self.ranks, self.geometry.column_bytes))
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
-        """Entry i of ``send`` goes to rank i; entry i of the result came from rank i."""
-        if self.ranks == 1:
-            return send.clone()
-        received = torch.empty_like(send)
-        dist.all_to_all_single(received, send, group=self.exchange_group)
-        return received
+        return self.collectives.all_to_all(send)
 
     def all_reduce(self, tensor: torch.Tensor, op) -> None:
-        if self.group is not None:
-            dist.all_reduce(tensor, op=op, group=self.group)
+        self.collectives.all_reduce(tensor, op)
 
     def gather_objects(self, value):
-        """Every rank's ``value``, in rank order."""
-        if self.group is None:
-            return [value]
-        values: list = [None] * self.ranks
-        dist.all_gather_object(values, value, group=self.group)
-        return values
+        return self.collectives.gather_objects(value)
 
     # -- control requests (worker thread, collective) ----------------------------------------------
     def _inject(self, ranks: list[int]) -> dict:
@@ -538,14 +510,13 @@ class Protector:
         status = torch.zeros(len(live), dtype=torch.int64)  # 0 match, 1 not durable, 2 mismatch
         corrupt = 0
         for part, state in zip(live.split(self.chunk_slots), status.split(self.chunk_slots)):
-            expected = self.encode(self.kv.gather(part)).cpu()  # collective: the same parts everywhere
+            expected = self.encode_slots(part).cpu()  # collective: the same parts everywhere
             stored = self.segment.read(part)
             state[~stored.usable] = 1
             state[stored.usable & (stored.parity != expected).any(dim=1)] = 2
             state[torch.isin(part, torch.tensor(stored.corrupt, dtype=torch.int64))] = 2
             corrupt += len(stored.corrupt)
-        if self.group is not None:
-            dist.all_reduce(status, op=dist.ReduceOp.MAX, group=self.group)
+        self.all_reduce(status, dist.ReduceOp.MAX)
         protected = int((status == 0).sum())
         kv_bytes = protected * self.kv.layers * self.kv.slot_layer_bytes * self.ranks
         mine = {"bytes": protected * self.geometry.record_bytes, "corrupt": corrupt}

@@ -91,7 +91,7 @@ def _decode(p, lost: list[int], slots: torch.Tensor, parity: torch.Tensor, phase
     (``[n, layers, m, column]``, this rank's records of them); collective."""
     n, layers, width = len(slots), p.kv.layers, p.kv.slot_layer_bytes
     ranks, column = p.ranks, p.geometry.column_bytes
-    columns = p.columns_to_encoders(p.kv.gather(slots))  # [ranks, n, layers, column]; lost: garbage
+    columns = p.exchange_columns(slots)  # [ranks, n, layers, column]; lost: garbage
     phases.done("exchange_seconds")
     shards = [None if i in lost else columns[i] for i in range(ranks)]
     shards += [parity[:, :, r].contiguous() for r in range(p.geometry.parity_shards)]

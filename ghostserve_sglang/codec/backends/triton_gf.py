@@ -17,6 +17,15 @@ _BLOCK = 1024
 
 
 @triton.jit
+def gf_mul_add(acc, x, coef, REDUCE: tl.constexpr):
+    """``acc ^ coef * x`` in GF(2^8), elementwise on int32 lanes holding bytes."""
+    for bit in tl.static_range(8):
+        acc ^= x * ((coef >> bit) & 1)
+        x = ((x << 1) ^ ((x >> 7) * REDUCE)) & 0xFF
+    return acc
+
+
+@triton.jit
 def _gf_apply_kernel(
     src_ptr, src_stride, dst_ptr, dst_stride, coef_ptr, length, n_sources,
     REDUCE: tl.constexpr, ALL_ONES: tl.constexpr, BLOCK: tl.constexpr,
@@ -33,10 +42,7 @@ def _gf_apply_kernel(
         if ALL_ONES:
             acc ^= x
         else:
-            coef = tl.load(coef_ptr + row * n_sources + j)
-            for bit in tl.static_range(8):
-                acc ^= x * ((coef >> bit) & 1)
-                x = ((x << 1) ^ ((x >> 7) * REDUCE)) & 0xFF
+            acc = gf_mul_add(acc, x, tl.load(coef_ptr + row * n_sources + j), REDUCE)
     tl.store(dst_ptr + row * dst_stride + offsets, acc.to(tl.uint8), mask=mask)
 
 

@@ -1,5 +1,7 @@
-"""One rank's Protector in this process on SGLang's real KV pool and allocator (TP=1), for tests on
-CPU and device checks on a GPU."""
+"""One rank's Protector in this process, on SGLang's real KV pool and allocator (``pool="sglang"``) or on
+stand-ins for them (``pool="standin"``, where SGLang is not installed), for tests on CPU, device checks
+and the checkpoint benchmark. With ``ranks`` above 1 the rank is rank 0 of a TP group whose peers are
+emulated (``standin.EmulatedCollectives``)."""
 
 from __future__ import annotations
 
@@ -8,24 +10,35 @@ import types
 import uuid
 
 import torch
-from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from ghostserve_sglang.settings import Settings
-from ghostserve_sglang.sglang.protector import Protector
+from ..settings import Settings
+from ..sglang.protector import Protector
+from . import standin
 
 
-def make_protector(device: str = "cpu", slots: int = 256, heads: int = 8, head_dim: int = 64,
-                   layers: int = 4, dtype: torch.dtype = torch.float32, **settings: str) -> Protector:
+def sglang_runner(slots: int, heads: int, head_dim: int, layers: int, dtype: torch.dtype,
+                  device: str) -> types.SimpleNamespace:
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
     pool = MHATokenToKVPool(slots, page_size=1, dtype=dtype, head_num=heads, head_dim=head_dim,
                             layer_num=layers, device=device, enable_memory_saver=False,
                             enable_alt_stream=False)
     allocator = TokenToKVPoolAllocator(slots, dtype=dtype, device=device, kvcache=pool, need_sort=False)
-    runner = types.SimpleNamespace(token_to_kv_pool=pool, token_to_kv_pool_allocator=allocator)
-    group = types.SimpleNamespace(rank_in_group=0, world_size=1, ranks=[0])
+    return types.SimpleNamespace(token_to_kv_pool=pool, token_to_kv_pool_allocator=allocator)
+
+
+def make_protector(device: str = "cpu", slots: int = 256, heads: int = 8, head_dim: int = 64,
+                   layers: int = 4, dtype: torch.dtype = torch.float32, pool: str = "sglang",
+                   ranks: int = 1, **settings: str) -> Protector:
+    make_runner = sglang_runner if pool == "sglang" else standin.model_runner
+    runner = make_runner(slots, heads, head_dim, layers, dtype, device)
+    group = types.SimpleNamespace(rank_in_group=0, world_size=ranks, ranks=list(range(ranks)))
     values = {"code": "replicate", "strict": "1", "enable_fault_injection": "1", **settings}
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    protector = Protector(Settings.from_values(values), runner, f"rig-{uuid.uuid4().hex[:12]}", group)
+    collectives = standin.EmulatedCollectives(ranks) if ranks > 1 else None
+    protector = Protector(Settings.from_values(values), runner, f"rig-{uuid.uuid4().hex[:12]}", group,
+                          collectives=collectives)
     for signum, handler in handlers.items():  # the rig's process keeps its own signal handling
         signal.signal(signum, handler)
     return protector

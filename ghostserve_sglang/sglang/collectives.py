@@ -1,0 +1,46 @@
+"""GhostServe's own collectives over the TP ranks, on groups of its own, so that SGLang's collectives
+never interleave with ours: control collectives over gloo; the column exchange over gloo on CPU and
+over a separate NCCL communicator on GPU. Every rank creates them at the same point (scheduler
+init). A collective that one rank never joins (an error there) fails after ``TIMEOUT`` instead of
+hanging its peers.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT = datetime.timedelta(minutes=5)
+
+
+class TPCollectives:
+    def __init__(self, tp_group, device: torch.device, exchanges: bool) -> None:
+        self.ranks = tp_group.world_size
+        self.group = None
+        if self.ranks > 1:
+            self.group = dist.new_group(tp_group.ranks, backend="gloo", timeout=TIMEOUT)
+        self.exchange_group = self.group
+        if self.ranks > 1 and device.type == "cuda" and exchanges:
+            self.exchange_group = dist.new_group(tp_group.ranks, backend="nccl", timeout=TIMEOUT)
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """Entry i of ``send`` goes to rank i; entry i of the result came from rank i."""
+        if self.ranks == 1:
+            return send.clone()
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.exchange_group)
+        return received
+
+    def all_reduce(self, tensor: torch.Tensor, op) -> None:
+        if self.group is not None:
+            dist.all_reduce(tensor, op=op, group=self.group)
+
+    def gather_objects(self, value) -> list:
+        """Every rank's ``value``, in rank order."""
+        if self.group is None:
+            return [value]
+        values: list = [None] * self.ranks
+        dist.all_gather_object(values, value, group=self.group)
+        return values
