@@ -56,7 +56,8 @@ def test_sigkilled_writer_leaves_durable_records_readable(instance):
     expected_step = {}
     for step in range(1, durable + 1):
         for slot in store_writer.step_slots(step).tolist():
-            expected_step[slot] = step
+            if slot != 0:  # the padding slot is never stored
+                expected_step[slot] = step
     result = segment.read(torch.arange(store_writer.GEOMETRY.slots))
     assert result.corrupt == []
     usable = torch.nonzero(result.usable).flatten().tolist()
@@ -74,7 +75,7 @@ def test_sigkilled_writer_leaves_durable_records_readable(instance):
 def test_flipped_bytes_fail_the_checksum_and_are_never_handed_out(instance):
     segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=64)
     drain = ParityDrain(segment).start()
-    slots = torch.arange(0, 200, 7)
+    slots = torch.arange(1, 200, 7)
     drain.submit(1, slots, rows(1, slots))
     drain.stop()
     victim = int(slots[3])
@@ -101,6 +102,12 @@ def test_attach_refuses_other_geometry_or_format_version_in_one_line(instance):
     with pytest.raises(StoreError) as err:
         ParitySegment.attach(instance, 0, GEOMETRY)
     assert "version 99" in str(err.value) and "\n" not in str(err.value)
+    # Version 1 sealed records with CRC-32 (zlib) and kept (step, slot) pairs in the ring: refused.
+    with open(path, "r+b") as f:
+        os.pwrite(f.fileno(), (1).to_bytes(4, "little"), 8)
+    with pytest.raises(StoreError) as err:
+        ParitySegment.attach(instance, 0, GEOMETRY)
+    assert "version 1;" in str(err.value) and "version 2" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_segments_are_private_and_instances_never_touch_each_other(instance):
@@ -109,7 +116,7 @@ def test_segments_are_private_and_instances_never_touch_each_other(instance):
     assert os.stat(a.path).st_mode & 0o777 == 0o600
     assert os.stat(b.path).st_mode & 0o777 == 0o600
     drain = ParityDrain(a).start()
-    drain.submit(1, torch.arange(10), rows(1, torch.arange(10)))
+    drain.submit(1, torch.arange(1, 11), rows(1, torch.arange(1, 11)))
     drain.stop()
     assert len(a.durable_slots()) == 10 and len(b.durable_slots()) == 0
     # Same id again: refused by default, and never removed while its owner is alive.
@@ -131,11 +138,11 @@ def test_segments_are_private_and_instances_never_touch_each_other(instance):
 def test_reattach_by_flag_recovers_the_records(instance):
     segment = ParitySegment.create(instance, 1, GEOMETRY, ring_entries=8)
     drain = ParityDrain(segment).start()
-    drain.submit(1, torch.arange(5), rows(1, torch.arange(5)))
+    drain.submit(1, torch.arange(1, 6), rows(1, torch.arange(1, 6)))
     drain.stop()
     segment.close()
     again = ParitySegment.create(instance, 1, GEOMETRY, ring_entries=8, existing="attach")
-    assert again.watermark == 1 and again.read(torch.arange(5)).usable.all()
+    assert again.watermark == 1 and again.read(torch.arange(1, 6)).usable.all()
     again.close(unlink=True)
 
 
@@ -160,7 +167,7 @@ def test_full_ring_drops_protection_when_asked_and_counts_it(instance):
     segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
     drain = ParityDrain(segment, stall_timeout_s=0.01, on_full="drop").start()
     drain.pause()
-    slots = torch.arange(20)
+    slots = torch.arange(1, 21)
     drain.submit(1, slots, rows(1, slots))
     counters = drain.counters()
     assert (counters.stalls, counters.drops, counters.dropped_records) == (1, 1, 12)
@@ -175,7 +182,7 @@ def test_full_ring_drops_protection_when_asked_and_counts_it(instance):
 def test_full_ring_blocks_the_producer_by_default_until_the_drain_catches_up(instance):
     segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
     drain = ParityDrain(segment, stall_timeout_s=0.01)  # its thread starts late: a drain behind
-    slots = torch.arange(20)
+    slots = torch.arange(1, 21)
     producer = threading.Thread(target=drain.submit, args=(1, slots, rows(1, slots)))
     producer.start()
     producer.join(0.3)
@@ -228,7 +235,7 @@ def test_a_million_slot_writes_keep_segment_size_and_memory_flat(instance):
     payload = torch.randint(0, 256, (1000, geometry.record_bytes), dtype=torch.uint8, generator=gen)
     rss_warm = None
     for step in range(1, 1001):
-        slots = torch.randperm(geometry.slots, generator=gen)[:1000]
+        slots = torch.randperm(geometry.slots - 1, generator=gen)[:1000] + 1  # slot 0: padding
         drain.submit(step, slots, payload)
         if step % 50 == 0:
             drain.invalidate(slots[:100])
@@ -326,24 +333,226 @@ def test_a_store_larger_than_the_free_space_is_refused_up_front_in_one_line(inst
         check_space(half, ring_entries=64, ranks=2)
 
 
-def test_the_native_batch_write_gives_the_python_writes_bytes_and_checksums(instance, monkeypatch):
+# One rank's shard with 64 KiB records: batches of a few MiB, large enough to be shared among threads.
+BIG = StoreGeometry("xor", 2, 1, "bfloat16", 8, 128, 32, 256)
+
+
+def stage(segment: ParitySegment, start: int, steps: torch.Tensor, slots: torch.Tensor,
+          payload: torch.Tensor) -> None:
+    """Put records straight into the ring, as ``submit`` does."""
+    end = start + len(slots)
+    segment.ring_steps[start:end], segment.ring_slots[start:end] = steps, slots
+    segment.ring[start:end] = payload
+
+
+def test_crc32c_known_vectors_natively_in_hardware_and_portably_and_in_python():
     from ghostserve_sglang.store import native
 
-    assert native.batch_writer() is not None  # this machine has a C compiler: the fast path is tested
-    fast = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=16)
-    slow = ParitySegment.create(instance, 1, GEOMETRY, ring_entries=16)
-    slots = torch.tensor([3, 9, 4, 3, 700, 9])  # 3 and 9 staged twice: the later record wins
-    steps = torch.tensor([5, 5, 5, 6, 6, 7])
-    for segment in (fast, slow):
-        segment.ring_meta[2:8, 0], segment.ring_meta[2:8, 1] = steps, slots
-        segment.ring[2:8] = rows(1, slots)
-    fast.write_staged(2, 6)
-    monkeypatch.setattr(native, "batch_writer", lambda: None)  # as on a machine without a C compiler
-    slow.write_staged(2, 6)
-    assert torch.equal(fast.table, slow.table) and torch.equal(fast.slot_crcs, slow.slot_crcs)
-    assert torch.equal(fast.slot_steps, slow.slot_steps)
-    assert fast.slot_steps[[3, 4, 9, 700]].tolist() == [6, 5, 7, 6]
-    fast.set_control(WATERMARK, 7)
-    assert fast.read(torch.tensor([3, 4, 9, 700])).usable.all()  # the CRCs check out in Python
-    fast.close()
-    slow.close()
+    lib = native.library()
+    assert lib is not None  # this machine has a C compiler: the native CRC is tested
+    vectors = {  # RFC 3720 (iSCSI) B.4, and the customary check value
+        b"123456789": 0xE3069283, b"": 0, bytes(32): 0x8A9136AA, b"\xff" * 32: 0x62A8AB43,
+        bytes(range(32)): 0x46DD794E, bytes(range(31, -1, -1)): 0x113FDB5C,
+    }
+    hardware = lib.ghost_crc32c_hardware(-1)
+    try:
+        for path in sorted({0, hardware}):  # the SSE4.2 path where the processor has it, and the tables
+            lib.ghost_crc32c_hardware(path)
+            for data, want in vectors.items():
+                assert native.crc32c(data) == want
+                assert native.crc32c_python(data) == want
+                assert lib.ghost_crc32c_portable(0, data, len(data)) == want
+    finally:
+        lib.ghost_crc32c_hardware(hardware)
+    # Lengths around the three-stream blocks (3 x 256 and 3 x 8192 bytes), at every alignment, and
+    # continued from a seed as zlib.crc32 continues.
+    gen = torch.Generator().manual_seed(3)
+    buffer = torch.randint(0, 256, (3 * 8192 * 2 + 100,), dtype=torch.uint8, generator=gen)
+    for length in (1, 7, 8, 9, 767, 768, 769, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 777, 2 * 3 * 8192 + 5):
+        for offset in (0, 1, 5):
+            data = buffer[offset : offset + length]
+            want = lib.ghost_crc32c_portable(0x1234, data.data_ptr(), length)
+            assert native.crc32c(data, 0x1234) == want
+            cut = length // 3
+            assert native.crc32c(data[cut:], native.crc32c(data[:cut], 0x1234)) == want
+    rows = buffer[: 5 * 1000].view(5, 1000)
+    assert native.crc32c_rows_python(torch.full((5,), 0x1234), rows).tolist() == [
+        lib.ghost_crc32c_portable(0x1234, row.data_ptr(), 1000) for row in rows]
+
+
+# 27003-byte records: rows start at every alignment, and each spans a long three-stream block.
+ODD = StoreGeometry("xor", 4, 1, "uint8", 1, 5, 9001, 256)
+
+
+@pytest.mark.parametrize("geometry", [BIG, ODD], ids=["64KiB", "27003B"])
+def test_threaded_hardware_portable_and_python_writes_give_the_same_table_and_slot_words(instance,
+                                                                                       monkeypatch, geometry):
+    from ghostserve_sglang.store import native
+
+    lib = native.library()
+    gen = torch.Generator().manual_seed(5)
+    # 48 records over 40 slots, some staged twice (the later one must win), and the padding slot.
+    slots = torch.cat([torch.randperm(geometry.slots - 1, generator=gen)[:40] + 1, torch.tensor([0, 0])])
+    slots = torch.cat([slots, slots[torch.randperm(len(slots), generator=gen)[:6]]])
+    steps = torch.arange(len(slots)) // 8 + 11
+    payload = torch.randint(0, 256, (len(slots), geometry.record_bytes), dtype=torch.uint8, generator=gen)
+    hardware = lib.ghost_crc32c_hardware(-1)
+    segments = []
+    try:
+        for rank, (threads, path) in enumerate([(4, hardware), (1, hardware), (4, 0), (1, 0)]):
+            segment = ParitySegment.create(instance, rank, geometry, ring_entries=64)
+            stage(segment, 3, steps, slots, payload)
+            lib.ghost_crc32c_hardware(path)
+            assert segment.write_staged(3, len(slots), threads) == len(slots) - int((slots == 0).sum())
+            segments.append(segment)
+    finally:
+        lib.ghost_crc32c_hardware(hardware)
+    assert lib.ghost_pool_size() >= 3  # the threaded writes did share their batches
+    python = ParitySegment.create(instance, 9, geometry, ring_entries=64)
+    stage(python, 3, steps, slots, payload)
+    monkeypatch.setattr(native, "library", lambda: None)  # as on a machine without a C compiler
+    python.write_staged(3, len(slots))
+    monkeypatch.undo()
+    last = {slot: i for i, slot in enumerate(slots.tolist()) if slot != 0}
+    first = segments[0]
+    table, slot_steps, slot_crcs = first.table.clone(), first.slot_steps.clone(), first.slot_crcs.clone()
+    for segment in [*segments, python]:
+        assert torch.equal(segment.table, table)
+        assert torch.equal(segment.slot_steps, slot_steps) and torch.equal(segment.slot_crcs, slot_crcs)
+        assert sorted(torch.nonzero(segment.slot_steps).flatten().tolist()) == sorted(last)
+        assert segment.slot_steps[list(last)].tolist() == [int(steps[i]) for i in last.values()]
+        assert torch.equal(segment.table[list(last)], payload[list(last.values())])
+        segment.set_control(WATERMARK, int(steps.max()))
+        assert segment.read(torch.tensor(list(last))).usable.all()  # the CRCs check out on read
+        segment.close(unlink=True)
+
+
+def test_a_slot_staged_twice_in_one_threaded_batch_ends_with_its_later_record(instance):
+    segment = ParitySegment.create(instance, 0, BIG, ring_entries=128)
+    gen = torch.Generator().manual_seed(7)
+    slots = torch.arange(1, 33).repeat(4)  # every slot staged four times, its copies far apart
+    steps = torch.arange(len(slots)) // 32 + 1
+    payload = torch.randint(0, 256, (len(slots), BIG.record_bytes), dtype=torch.uint8, generator=gen)
+    stage(segment, 0, steps, slots, payload)
+    assert segment.write_staged(0, len(slots), threads=8) == 128
+    assert segment.slot_steps[1:33].tolist() == [4] * 32
+    assert torch.equal(segment.table[1:33], payload[96:])
+    segment.set_control(WATERMARK, 4)
+    assert segment.read(torch.arange(1, 33)).usable.all()
+    segment.close(unlink=True)
+
+
+def test_padding_slot_records_are_staged_and_never_stored_nor_refused(instance, monkeypatch):
+    from ghostserve_sglang.store import native
+
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=64)
+    drain = ParityDrain(segment).start()
+    drain.pause()
+    slots = torch.tensor([0, 5, 0, 7, 0])  # as a producer passes SGLang's out_cache_loc, unfiltered
+    drain.submit(1, slots, rows(1, slots))
+    assert segment.pending() == [(1, 0), (1, 5), (1, 0), (1, 7), (1, 0)]
+    drain.resume()
+    assert drain.flush(5)
+    drain.stop()
+    counters = drain.counters()
+    assert (counters.records_drained, counters.bytes_drained) == (2, 2 * GEOMETRY.record_bytes)
+    assert segment.slot_steps[0] == 0 and not segment.table[0].any() and segment.slot_crcs[0] == 0
+    assert segment.read(torch.tensor([5, 7])).usable.all()
+    # The same from Python.
+    monkeypatch.setattr(native, "library", lambda: None)
+    stage(segment, 0, torch.tensor([2, 2]), torch.tensor([0, 9]), rows(2, torch.tensor([0, 9])))
+    assert segment.write_staged(0, 2) == 1
+    assert segment.slot_steps[0] == 0 and not segment.table[0].any() and segment.slot_steps[9] == 2
+    segment.close(unlink=True)
+
+
+def test_out_of_range_slots_are_refused_after_the_others_are_stored(instance):
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
+    stage(segment, 0, torch.tensor([1, 1, 1]), torch.tensor([3, GEOMETRY.slots, 4]),
+          rows(1, torch.tensor([3, 0, 4])))
+    with pytest.raises(StoreError, match="1 staged records name a slot outside"):
+        segment.write_staged(0, 3)
+    assert segment.slot_steps[[3, 4]].tolist() == [1, 1]
+    segment.close(unlink=True)
+
+
+def test_threads_default_to_one_on_small_hosts_and_are_checked():
+    from ghostserve_sglang.store.drain import default_threads
+
+    assert [default_threads(cpus) for cpus in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 4, 8, 8]
+    assert default_threads() >= 1
+
+
+def test_threads_argument_is_refused_out_of_range(instance):
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=8)
+    for threads in (0, 65, 2.5, True):
+        with pytest.raises(StoreError, match="threads="):
+            ParityDrain(segment, threads=threads)
+    assert ParityDrain(segment, threads=3).threads == 3
+    segment.close(unlink=True)
+
+
+def test_a_threaded_drain_makes_every_step_durable_and_readable(instance):
+    segment = ParitySegment.create(instance, 0, BIG, ring_entries=96)
+    drain = ParityDrain(segment, threads=4).start()
+    gen = torch.Generator().manual_seed(9)
+    expected = {}
+    for step in range(1, 41):
+        slots = torch.randperm(BIG.slots, generator=gen)[:24]  # slot 0 included now and then
+        payload = torch.randint(0, 256, (24, BIG.record_bytes), dtype=torch.uint8, generator=gen)
+        drain.submit(step, slots, payload)
+        expected.update({slot: (step, row) for slot, row in zip(slots.tolist(), payload) if slot != 0})
+    assert drain.flush(30)
+    drain.stop()
+    live = torch.tensor(sorted(expected))
+    result = segment.read(live)
+    assert result.usable.all() and not result.corrupt
+    for i, slot in enumerate(live.tolist()):
+        assert int(result.steps[i]) == expected[slot][0] and torch.equal(result.parity[i], expected[slot][1])
+    assert segment.slot_steps[0] == 0
+    segment.close(unlink=True)
+
+
+def test_a_forked_child_writes_with_threads_of_its_own(instance):
+    """The helper threads do not survive a fork: a child starts its own instead of waiting on them."""
+    from ghostserve_sglang.store import native
+
+    segment = ParitySegment.create(instance, 0, BIG, ring_entries=64)
+    slots = torch.arange(1, 65)
+    payload = torch.zeros(64, BIG.record_bytes, dtype=torch.uint8)
+    stage(segment, 0, torch.ones(64, dtype=torch.int64), slots, payload)
+    segment.write_staged(0, 64, threads=4)
+    assert native.library().ghost_pool_size() >= 3
+    pid = os.fork()
+    if pid == 0:  # the child: exit at once either way, never back into pytest
+        try:
+            segment.ring_steps[:] = 2
+            segment.write_staged(0, 64, threads=4)
+            os._exit(0 if native.library().ghost_pool_size() >= 3 else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's threaded write hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert segment.slot_steps[1:65].tolist() == [2] * 64  # shared memory: the child's write is seen
+    segment.close(unlink=True)
+
+
+def test_discarded_staged_records_take_their_slots_parity_with_them(instance):
+    segment = ParitySegment.create(instance, 0, GEOMETRY, ring_entries=64)
+    drain = ParityDrain(segment).start()
+    drain.submit(1, torch.tensor([1, 2, 3]), rows(1, torch.tensor([1, 2, 3])))
+    assert drain.flush(5)
+    drain.pause()
+    drain.submit(2, torch.tensor([2, 3, 0]), rows(2, torch.tensor([2, 3, 0])))
+    assert drain.discard_pending() == 3  # read back from ring_slots: slots 2 and 3 lose step 1's parity
+    drain.resume()
+    drain.stop()
+    assert segment.watermark == 2
+    assert segment.read(torch.tensor([1, 2, 3])).usable.tolist() == [True, False, False]
+    segment.close(unlink=True)

@@ -2,8 +2,9 @@
 and advances the durable watermark.
 
 The producer (the step loop) calls ``submit(step, slots, parity)`` once per step; the call only copies
-rows into the segment's staging ring (asynchronously, from a GPU) and returns. A thread writes ring
-entries into the table and, when every entry of a step is in, moves the watermark to that step.
+slot ids and rows into the segment's staging ring (asynchronously, from a GPU, without waiting for
+it) and returns. A thread writes ring entries into the table, in one native call per batch shared
+among ``threads`` threads, and, when every entry of a step is in, moves the watermark to that step.
 When the ring is full the producer waits up to ``stall_timeout_s``; then ``on_full="block"`` keeps
 waiting for the drain and ``on_full="drop"`` gives up protection of the rest of that step (its slots
 are invalidated). A paused or stopping drain frees nothing, so a full ring then drops under either
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import threading
 import time
 
@@ -23,6 +25,20 @@ from .geometry import StoreError
 from .segment import RING_HEAD, RING_TAIL, WATERMARK, ParitySegment
 
 ON_FULL = ("block", "drop")
+
+
+def default_threads(cpus: int | None = None) -> int:
+    """Threads that share a batch's writes by default: 1 on hosts of up to 4 cores (they belong to
+    the model's processes; the drain's single thread already keeps up with a CPU-served model there),
+    else half the cores, at most 8 (a GPU host's drain must keep up with device-to-host copies of tens
+    of GB/s, and it works in bursts: its threads sleep between batches). ``cpus`` defaults to the cores
+    this process may run on."""
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+    return 1 if cpus <= 4 else min(8, cpus // 2)
 
 
 @dataclasses.dataclass
@@ -46,15 +62,24 @@ class DrainCounters:
 
 
 class ParityDrain:
+    """``threads``: how many threads share each batch's writes (the drain's own included), fixed for
+    the drain's life; None picks ``default_threads()``. Batches too small to pay for waking a helper
+    (under 128 KiB a thread) run on the drain thread alone."""
+
     def __init__(
         self, segment: ParitySegment, stall_timeout_s: float = 0.05, on_full: str = "block",
-        batch_entries: int = 4096, sync: bool = False,
+        batch_entries: int = 4096, sync: bool = False, threads: int | None = None,
     ) -> None:
+        if threads is None:
+            threads = default_threads()
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
+            raise StoreError(f"threads={threads!r} is not allowed; it must be an int from 1 to 64")
         if on_full not in ON_FULL:
             raise StoreError(f"on_full={on_full!r} is not allowed; allowed: {', '.join(ON_FULL)}")
         if not stall_timeout_s >= 0:
             raise StoreError(f"stall_timeout_s={stall_timeout_s!r} is not allowed; it must be >= 0")
         self.segment = segment
+        self.threads = threads
         self.sync = sync  # msync each written batch before it counts as durable (a store on disk)
         self._latencies: collections.deque[float] = collections.deque(maxlen=65536)
         self.stall_timeout_s = stall_timeout_s
@@ -85,15 +110,25 @@ class ParityDrain:
 
     def submit(self, step: int, slots: torch.Tensor, parity: torch.Tensor,
                captured_at: float | None = None) -> None:
-        """Stage one step's parity rows (``parity[i]`` belongs to ``slots[i]``; slots distinct).
-        ``captured_at`` (``time.monotonic()``) is when the KV was written; the checkpoint latency of
-        the step runs from then until it is durable."""
+        """Stage one step's parity rows (``parity[i]`` belongs to ``slots[i]``; slots distinct, except
+        slot 0, the padding slot, whose rows are staged and never stored, so a producer need not
+        filter them out). ``captured_at`` (``time.monotonic()``) is when the KV was written; the
+        checkpoint latency of the step runs from then until it is durable.
+
+        ``slots`` may live on the host or on the device that holds ``parity`` (integers, int64 best).
+        From a GPU both are copied on the drain's side stream, after the work queued so far on the
+        current stream, without waiting: nothing here synchronises with the device, except dropping
+        rows when the ring is full (``on_full="drop"``), which needs the dropped slot ids on the host."""
         if step <= self._last_step:
             raise StoreError(f"step {step} is not after the last submitted step {self._last_step}")
         record = self.segment.geometry.record_bytes
-        if parity.dim() != 2 or parity.shape[1] != record or parity.shape[0] != len(slots):
-            raise StoreError(f"parity is {list(parity.shape)}, expected [{len(slots)}, {record}] uint8")
-        slots = slots.to("cpu", torch.int64)
+        if parity.dim() != 2 or parity.shape[1] != record or slots.dim() != 1 or len(parity) != len(slots):
+            raise StoreError(f"parity is {list(parity.shape)} and slots {list(slots.shape)}, expected "
+                             f"[{len(slots)}, {record}] uint8 and [{len(slots)}]")
+        if slots.is_cuda and parity.is_cuda:
+            slots = slots.to(parity.device, torch.int64).contiguous()  # queued on the device: no wait
+        else:
+            slots = slots.to("cpu", torch.int64)
         cap, done, n = self.segment.ring_entries, 0, len(slots)
         while done < n:
             free = self._wait_for_space()
@@ -102,9 +137,8 @@ class ParityDrain:
                 break
             start = self._head % cap
             take = min(free, n - done, cap - start)
-            self.segment.ring_meta[start : start + take, 0] = step
-            self.segment.ring_meta[start : start + take, 1] = slots[done : done + take]
-            self._copy(self.segment.ring[start : start + take], parity[done : done + take])
+            self.segment.ring_steps[start : start + take] = step
+            self._copy(start, slots[done : done + take], parity[done : done + take])
             with self._cv:
                 self._head += take
                 self.segment.set_control(RING_HEAD, self._head)
@@ -124,20 +158,31 @@ class ParityDrain:
             self._invalidations.append((self._head, slots))
             self._apply_invalidations()
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        if not src.is_cuda:
-            dst.copy_(src)
+    def _copy(self, start: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Fill ring entries from ``start`` with ``slots`` and ``rows``: host sources at once, device
+        sources on the side stream, with one event for both (the drain waits on it)."""
+        ring_slots = self.segment.ring_slots[start : start + len(rows)]
+        ring = self.segment.ring[start : start + len(rows)]
+        on_device = [(dst, src) for dst, src in ((ring_slots, slots), (ring, rows)) if src.is_cuda]
+        for dst, src in ((ring_slots, slots), (ring, rows)):
+            if not src.is_cuda:
+                dst.copy_(src)
+        if not on_device:
             return
+        device = on_device[-1][1].device
         if not self.segment.pinned:
             self._counters.pageable_copies += 1
-        self._stream.wait_stream(torch.cuda.current_stream(src.device))
+        if self._stream is None:  # submitted before start()
+            self._stream = torch.cuda.Stream(device)
+        self._stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._stream):
-            dst.copy_(src, non_blocking=True)
+            for dst, src in on_device:
+                dst.copy_(src, non_blocking=True)
+                src.record_stream(self._stream)
             event = torch.cuda.Event()
             event.record(self._stream)
-        src.record_stream(self._stream)
         with self._cv:
-            self._copies.append((self._head, self._head + len(dst), event))
+            self._copies.append((self._head, self._head + len(rows), event))
 
     def _wait_for_space(self) -> int:
         """Free ring entries, waiting for the drain when there are none. Gives up (0: the caller drops)
@@ -187,13 +232,13 @@ class ParityDrain:
         records were discarded."""
         with self._cv:
             self._cv.wait_for(lambda: not self._writing)
+            while self._copies:  # they may still be filling ring_slots
+                self._copies.popleft()[2].synchronize()
             head, tail, cap = self._head, self._tail, self.segment.ring_entries
             if head > tail:
                 positions = torch.arange(tail, head) % cap
-                self.segment.invalidate(self.segment.ring_meta[positions, 1].clone())
+                self.segment.invalidate(self.segment.ring_slots[positions].clone())
             self._counters.discarded_records += head - tail
-            while self._copies:
-                self._copies.popleft()[2].synchronize()
             self._tail = head
             self.segment.set_control(RING_TAIL, head)
             self._apply_invalidations()
@@ -262,7 +307,7 @@ class ParityDrain:
                 self._writing = True
             self._wait_copies(start + count)
             started = time.monotonic()
-            self.segment.write_staged(start % cap, count)
+            stored = self.segment.write_staged(start % cap, count, self.threads)
             if self.sync:
                 self.segment.sync()
             written = time.monotonic() - started
@@ -271,8 +316,8 @@ class ParityDrain:
                 self._writing = False
                 self._tail = start + count
                 self.segment.set_control(RING_TAIL, self._tail)
-                self._counters.records_drained += count
-                self._counters.bytes_drained += count * self.segment.geometry.record_bytes
+                self._counters.records_drained += stored  # padding (slot 0) is not stored
+                self._counters.bytes_drained += stored * self.segment.geometry.record_bytes
                 self._apply_invalidations()
                 self._advance_watermark()
                 self._cv.notify_all()

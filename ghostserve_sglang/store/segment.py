@@ -2,14 +2,20 @@
 
 Layout (all offsets fixed by the header, which holds the format version and the geometry):
 
-    header   4 KiB: magic, version, geometry (JSON), control words (watermark, ring head and tail, owner)
-    slots    per slot: the step its parity became durable at (0: none) and the record's CRC-32
-    table    per slot: ``record_bytes`` of parity, indexed by slot
-    ring     staging between producer and table: per entry (step, slot) and ``record_bytes`` of parity
+    header      4 KiB: magic, version, geometry (JSON), control words (watermark, ring head and tail,
+                owner)
+    slots       per slot: the step its parity became durable at (0: none) and the record's CRC-32C
+    table       per slot: ``record_bytes`` of parity, indexed by slot
+    ring_steps  staging between producer and table: per entry, the step (int64)
+    ring_slots  per entry, the slot (int64), from a page boundary: copied from the device like the ring
+    ring        per entry, ``record_bytes`` of parity
 
-A slot's record is written as: step := 0, parity bytes, CRC-32 of (step, slot, bytes), step := step.
-A record is handed out for a rebuild only when its step is at or below the durable watermark and its
-CRC matches, so a torn write or flipped bits are reported and never used.
+A slot's record is written as: step := 0, parity bytes, CRC-32C of (step int64 LE, slot int64 LE,
+bytes), step := step. A record is handed out for a rebuild only when its step is at or below the
+durable watermark and its CRC matches, so a torn write or flipped bits are reported and never used.
+Slot 0 is the serving engine's padding slot (padded tokens write there; it never holds live KV): its
+records may be staged and are never stored. Version 2 changed the CRC from CRC-32 (zlib) to CRC-32C
+and split the ring's (step, slot) pairs into two arrays; a version-1 segment is refused.
 """
 
 from __future__ import annotations
@@ -19,15 +25,13 @@ import mmap
 import os
 import re
 import struct
-import zlib
 
 import torch
 
-from ..codec.backends.isal import load_library
 from . import native
 from .geometry import StoreError, StoreGeometry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"GHSTPAR\0"
 HEADER_BYTES = 4096
 SHM_DIR = "/dev/shm"
@@ -58,8 +62,8 @@ def remove_orphans(instance_id: str, directory: str = SHM_DIR) -> list[str]:
     return removed
 
 
-def _align(n: int) -> int:
-    return (n + 63) // 64 * 64
+def _align(n: int, to: int = 64) -> int:
+    return (n + to - 1) // to * to
 
 
 def _layout(geometry: StoreGeometry, ring_entries: int) -> tuple[dict[str, int], int]:
@@ -67,8 +71,10 @@ def _layout(geometry: StoreGeometry, ring_entries: int) -> tuple[dict[str, int],
     record = geometry.record_bytes
     offsets = {"slots": HEADER_BYTES}
     offsets["table"] = _align(offsets["slots"] + 16 * geometry.slots)
-    offsets["ring_meta"] = _align(offsets["table"] + record * geometry.slots)
-    offsets["ring"] = _align(offsets["ring_meta"] + 16 * ring_entries)
+    offsets["ring_steps"] = _align(offsets["table"] + record * geometry.slots)
+    # From a page boundary: ring_slots and ring are registered with CUDA together, and nothing else.
+    offsets["ring_slots"] = _align(offsets["ring_steps"] + 8 * ring_entries, mmap.PAGESIZE)
+    offsets["ring"] = _align(offsets["ring_slots"] + 8 * ring_entries)
     return offsets, _align(offsets["ring"] + record * ring_entries)
 
 
@@ -98,16 +104,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _record_crc(step: int, slot: int, payload: torch.Tensor) -> int:
-    """CRC-32 (the zlib/gzip polynomial) of a record's step, slot and parity bytes; through ISA-L's
-    SIMD implementation when it is installed (about 3x zlib's speed here), zlib otherwise."""
-    seed = zlib.crc32(struct.pack("<qq", step, slot))
-    lib = load_library()
-    if lib is None:
-        return zlib.crc32(memoryview(payload.numpy()), seed)
-    return lib.crc32_gzip_refl(seed, payload.data_ptr(), payload.numel())
 
 
 @dataclasses.dataclass
@@ -146,8 +142,8 @@ class ParitySegment:
         slot_words = buf[o["slots"] : o["slots"] + 16 * geometry.slots].view(torch.int64).view(-1, 2)
         self.slot_steps, self.slot_crcs = slot_words[:, 0], slot_words[:, 1]
         self.table = buf[o["table"] : o["table"] + record * geometry.slots].view(geometry.slots, record)
-        meta = buf[o["ring_meta"] : o["ring_meta"] + 16 * ring_entries].view(torch.int64)
-        self.ring_meta = meta.view(ring_entries, 2)
+        self.ring_steps = buf[o["ring_steps"] : o["ring_steps"] + 8 * ring_entries].view(torch.int64)
+        self.ring_slots = buf[o["ring_slots"] : o["ring_slots"] + 8 * ring_entries].view(torch.int64)
         self.ring = buf[o["ring"] : o["ring"] + record * ring_entries].view(ring_entries, record)
         self._pinned_at = 0  # address of the registered range
         self.checksum_failures = 0  # records refused by ``read`` since this process mapped the segment
@@ -228,13 +224,14 @@ class ParitySegment:
         self._map.flush()
 
     def pin(self) -> int:
-        """Register the staging ring (the only target of device-to-host copies) with CUDA, so that the
-        copies into it run asynchronously. Returns 0, or CUDA's error code when registration failed:
-        copies then go to pageable memory, synchronously."""
+        """Register the staging ring's slot ids and rows (the only targets of device-to-host copies;
+        from ``ring_slots`` to the segment's end) with CUDA, so that the copies into them run
+        asynchronously. Returns 0, or CUDA's error code when registration failed: copies then go to
+        pageable memory, synchronously."""
         if self._pinned_at or not torch.cuda.is_available():
             return 0
         page = mmap.PAGESIZE
-        start = self._offsets["ring"] // page * page
+        start = self._offsets["ring_slots"] // page * page
         end = -(-self.size_bytes // page) * page
         err = int(torch.cuda.cudart().cudaHostRegister(self._address + start, end - start, 0))
         if err == 0:
@@ -251,7 +248,8 @@ class ParitySegment:
             torch.cuda.cudart().cudaHostUnregister(self._pinned_at)
             self._pinned_at = 0
         self._control[OWNER_PID] = 0
-        del self._control, self.slot_steps, self.slot_crcs, self.table, self.ring_meta, self.ring
+        del self._control, self.slot_steps, self.slot_crcs, self.table, self.ring_steps, self.ring_slots
+        del self.ring
         self._map.close()
         if unlink:
             os.unlink(self.path)
@@ -269,30 +267,50 @@ class ParitySegment:
         return self.control(WATERMARK)
 
     # -- records ---------------------------------------------------------------------------------
-    def write_staged(self, index: int, count: int) -> None:
-        """Store ring entries ``[index, index + count)`` in the table, in ring order, each marked with
-        its step: one native call that releases the GIL, or from Python where that is not built."""
-        meta, rows = self.ring_meta[index : index + count], self.ring[index : index + count]
+    def write_staged(self, index: int, count: int, threads: int = 1) -> int:
+        """Store ring entries ``[index, index + count)`` in the table, each marked with its step; a slot
+        staged twice ends with its later record, and entries for slot 0 (padding) are skipped. One
+        native call that releases the GIL and shares the records among up to ``threads`` threads (the
+        caller's included), or from Python where that is not built. Returns how many records were
+        stored; raises StoreError, after storing the others, when entries name a slot out of range."""
+        steps, slots = self.ring_steps[index : index + count], self.ring_slots[index : index + count]
+        rows = self.ring[index : index + count]
         writer = native.batch_writer()
         if writer is not None:
-            refused = writer(self.table.data_ptr(), self.slot_steps.data_ptr(), self.geometry.slots,
-                             meta.data_ptr(), rows.data_ptr(), count, self.geometry.record_bytes)
-            if refused:  # slot_steps above: the first of each slot's two words
-                raise StoreError(f"{refused} staged records name a slot outside 0..{self.geometry.slots - 1}")
-            return
-        steps = meta[:, 0]
+            stored, refused = writer(self.table.data_ptr(), self.slot_steps.data_ptr(), self.geometry.slots,
+                                     steps.data_ptr(), slots.data_ptr(), rows.data_ptr(), count,
+                                     self.geometry.record_bytes, threads)
+        else:
+            stored, refused = self._write_staged_python(steps, slots, rows)
+        if refused:  # slot_steps above: the first of each slot's two words
+            raise StoreError(f"{refused} staged records name a slot outside 0..{self.geometry.slots - 1}")
+        return stored
+
+    def _write_staged_python(self, steps: torch.Tensor, slots: torch.Tensor,
+                             rows: torch.Tensor) -> tuple[int, int]:
+        inside = (slots >= 0) & (slots < self.geometry.slots)
+        keep = torch.nonzero(inside & (slots != 0)).flatten()
+        steps, slots, rows = steps[keep], slots[keep], rows[keep]
+        crcs = native.record_crcs(steps, slots, rows)
         cuts = (torch.nonzero(steps[1:] != steps[:-1]).flatten() + 1).tolist()
-        for lo, hi in zip([0, *cuts], [*cuts, count]):  # a step's slots are distinct
-            self.write_records(int(steps[lo]), meta[lo:hi, 1].clone(), rows[lo:hi])
+        for lo, hi in zip([0, *cuts], [*cuts, len(keep)]):  # a step's slots are distinct
+            self._store(int(steps[lo]), slots[lo:hi], rows[lo:hi], crcs[lo:hi])
+        return len(keep), int((~inside).sum())
 
     def write_records(self, step: int, slots: torch.Tensor, parity: torch.Tensor) -> None:
-        """Store one step's parity rows for distinct ``slots`` and mark them durable at ``step``."""
+        """Store one step's parity rows for distinct ``slots`` and mark them durable at ``step``; rows
+        for slot 0 (padding) are skipped."""
+        slots = torch.as_tensor(slots, dtype=torch.int64)
+        keep = torch.nonzero(slots != 0).flatten()
+        slots, parity = slots[keep], parity[keep]
+        steps = torch.full((len(slots),), step, dtype=torch.int64)
+        self._store(step, slots, parity, native.record_crcs(steps, slots, parity))
+
+    def _store(self, step: int, slots: torch.Tensor, rows: torch.Tensor, crcs: torch.Tensor) -> None:
+        """The torn-write protocol for distinct slots, from Python."""
         self.slot_steps[slots] = 0
-        crcs = []
-        for slot, row in zip(slots.tolist(), parity):
-            self.table[slot].copy_(row)
-            crcs.append(_record_crc(step, slot, self.table[slot]))
-        self.slot_crcs[slots] = torch.tensor(crcs, dtype=torch.int64)
+        self.table[slots] = rows
+        self.slot_crcs[slots] = crcs
         self.slot_steps[slots] = step
 
     def invalidate(self, slots: torch.Tensor) -> None:
@@ -303,17 +321,15 @@ class ParitySegment:
         """Copies of the records of ``slots``; only durable, CRC-valid ones are marked usable."""
         slots = torch.as_tensor(slots, dtype=torch.int64)
         steps = self.slot_steps[slots].clone()
+        crcs = self.slot_crcs[slots].clone()
         parity = self.table[slots].clone()
         # A record rewritten while it was copied (the drain runs beside a read) is not usable; it
         # is not corrupt either.
         usable = (steps > 0) & (steps <= self.watermark) & (self.slot_steps[slots] == steps)
-        corrupt = []
-        for i, (slot, step) in enumerate(zip(slots.tolist(), steps.tolist())):
-            if usable[i] and _record_crc(step, slot, parity[i]) != int(
-                self.slot_crcs[slot]
-            ):
-                usable[i] = False
-                corrupt.append(slot)
+        check = torch.nonzero(usable).flatten()
+        failed = check[native.record_crcs(steps[check], slots[check], parity[check]) != crcs[check]]
+        usable[failed] = False
+        corrupt = slots[failed].tolist()
         self.checksum_failures += len(corrupt)
         return ReadResult(parity, steps, usable, corrupt)
 
@@ -325,4 +341,5 @@ class ParitySegment:
     def pending(self) -> list[tuple[int, int]]:
         """(step, slot) of the staged records the drain had not yet written: not durable."""
         head, tail = self.control(RING_HEAD), self.control(RING_TAIL)
-        return [tuple(self.ring_meta[pos % self.ring_entries].tolist()) for pos in range(tail, head)]
+        positions = torch.arange(tail, head) % self.ring_entries
+        return list(zip(self.ring_steps[positions].tolist(), self.ring_slots[positions].tolist()))
