@@ -2,7 +2,8 @@
 ordered by an event, and a control request's device work is done when it answers. Each check delays
 the producing stream with ``torch.cuda._sleep`` right before the producer's operations, so that a
 consumer that does not wait reads memory not yet written; the results must be what they are without
-the delay. One PASS/FAIL line per check; exits 1 when any fails.
+the delay. The Protector runs on a stand-in pool and allocator (plain CUDA tensors; no SGLang needed).
+One PASS/FAIL line per check; exits 1 when any fails.
 
     python tests/gpu/stream_check.py
 """
@@ -16,11 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from protector_rig import fill, make_protector, stop, written  # noqa: E402
 
 from ghostserve_sglang.store import ParityDrain, ParitySegment, StoreGeometry  # noqa: E402
+from ghostserve_sglang.testing.rig import fill, make_protector, stop, written  # noqa: E402
 
 DELAY = 200_000_000  # GPU cycles, about 0.1 s: far longer than the worker takes to run ahead
 
@@ -77,7 +76,8 @@ def submit_waits_for_the_encoder() -> bool:
 
 def main() -> int:
     assert torch.cuda.is_available(), "no CUDA device"
-    p = make_protector("cuda", slots=8192, heads=8, head_dim=128, layers=8, dtype=torch.bfloat16)
+    p = make_protector("cuda", slots=8192, heads=8, head_dim=128, layers=8, dtype=torch.bfloat16,
+                       pool="standin")
     failed = 0
     try:
         for check in (record_write_waits_for_the_gather, free_waits_for_the_index_copy,
