@@ -24,7 +24,7 @@ def _gather_kernel(k_table, v_table, slots_ptr, out_ptr, n, half, layers, ranks,
     slot = tl.load(slots_ptr + i).to(tl.int64)
     k_row = tl.load(k_table + layer).to(tl.pointer_type(tl.uint8)) + slot * half
     v_row = tl.load(v_table + layer).to(tl.pointer_type(tl.uint8)) + slot * half
-    row_stride = n.to(tl.int64) * layers * column  # between two ranks' entries of the output
+    row_stride = tl.cast(n, tl.int64) * layers * column  # between two ranks' entries of the output
     dst = out_ptr + (i.to(tl.int64) * layers + layer) * column
     for j in range(ranks):
         for start in range(0, column, BLOCK):

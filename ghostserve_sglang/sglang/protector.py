@@ -155,7 +155,7 @@ class Protector:
         """Slots whose KV was just (re)written by any path: protect them as one step, or as one step
         per part of at most ``chunk_slots`` slots (the same parts on every rank)."""
         self.raise_failure()
-        self.written[slots.to(self.device)] = True
+        self.written.index_fill_(0, slots.to(self.device, torch.int64), True)
         for part in slots.split(self.chunk_slots):
             self.step += 1
             self.metrics.add("ghostserve_steps_captured_total")
@@ -164,7 +164,7 @@ class Protector:
 
     def on_free(self, slots: torch.Tensor) -> None:
         self.raise_failure()
-        self.written[slots.to(self.device)] = False
+        self.written.index_fill_(0, slots.to(self.device, torch.int64), False)
         self._queue.put(("free", slots.clone()))
 
     def live_slots(self) -> torch.Tensor:

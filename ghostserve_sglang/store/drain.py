@@ -137,7 +137,7 @@ class ParityDrain:
                 break
             start = self._head % cap
             take = min(free, n - done, cap - start)
-            self.segment.ring_steps[start : start + take] = step
+            self.segment.ring_steps_array[start : start + take] = step
             self._copy(start, slots[done : done + take], parity[done : done + take])
             with self._cv:
                 self._head += take
@@ -174,7 +174,7 @@ class ParityDrain:
             self._counters.pageable_copies += 1
         if self._stream is None:  # submitted before start()
             self._stream = torch.cuda.Stream(device)
-        self._stream.wait_stream(torch.cuda.current_stream(device))
+        self._stream.wait_stream(torch.cuda.current_stream())  # the producer's (same device)
         with torch.cuda.stream(self._stream):
             for dst, src in on_device:
                 dst.copy_(src, non_blocking=True)

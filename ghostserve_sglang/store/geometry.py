@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import torch
@@ -46,17 +47,18 @@ class StoreGeometry:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise StoreError(f"{name}={value!r} is not allowed; it must be an int >= 1")
 
-    @property
+    # Sizes are cached: the drain reads them on every step.
+    @functools.cached_property
     def slot_layer_bytes(self) -> int:
         """One rank's K and V bytes for one slot in one layer."""
         itemsize = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
         return 2 * self.heads_per_rank * self.head_dim * itemsize
 
-    @property
+    @functools.cached_property
     def column_bytes(self) -> int:
         return -(-self.slot_layer_bytes // self.ranks)
 
-    @property
+    @functools.cached_property
     def record_bytes(self) -> int:
         """Parity bytes one slot takes in this rank's shard (all layers)."""
         if self.code == "replicate":

@@ -62,7 +62,7 @@ def submit_waits_for_the_encoder() -> bool:
     segment = ParitySegment.create(f"gpu-{uuid.uuid4().hex[:8]}", 0, geometry, ring_entries=4096)
     try:
         drain = ParityDrain(segment).start()
-        slots = torch.randperm(geometry.slots)[:1024]
+        slots = torch.randperm(geometry.slots - 1)[:1024] + 1  # slot 0 is never stored
         parity = torch.empty((1024, geometry.record_bytes), dtype=torch.uint8, device="cuda")
         torch.cuda._sleep(DELAY)
         parity.random_(0, 256)  # produced late on this stream
