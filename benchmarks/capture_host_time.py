@@ -77,7 +77,7 @@ def main() -> None:
             "drain.submit": submit,
         }
         print(f"command: python {' '.join(sys.argv)}")
-        print(f"{args.shape} N={args.ranks} {args.code}, {args.tokens} slots a step; host microseconds a call")
+        print(f"{args.shape} N={args.ranks} {args.code}, {args.tokens} slots a step; host us a call")
         for name, fn in parts.items():
             spent = whole if name.startswith("record_write") else per_call_us(fn)
             print(f"| {name} | {spent:.1f} |", flush=True)

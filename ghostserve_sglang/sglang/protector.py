@@ -110,7 +110,9 @@ class Protector:
         self.scheduler = None  # set by the scheduler's init wrapper
         self.holding = False  # a peer died: queued steps are dropped until the group is whole again
         self.steps_lost_with_peer = 0
-        self.seconds = {"capture": 0.0, "worker": 0.0}  # time spent per thread, for the overhead account
+        # Time spent per thread, for the overhead account; the worker's wall time includes waiting for
+        # its peers in the exchange, its CPU time does not.
+        self.seconds = {"capture": 0.0, "worker": 0.0, "worker_cpu": 0.0}
         self.lost: set[int] = set()
         self.recoveries: list[dict] = []
         self.errors: dict[str, int] = {}
@@ -360,11 +362,12 @@ class Protector:
     def _encode_step(self, step: int, slots: torch.Tensor, columns: torch.Tensor, captured_at: float) -> None:
         """Exchange, encode, stage: a fixed number of launches, no host synchronisation. Slot 0 (padded
         tokens' writes, never live) goes along; the drain skips it."""
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         records = self.encoder.encode(self.collectives.all_to_all(columns) if self.exchanges else columns)
         self.drain.submit(step, slots, records, captured_at)
         self.metrics.add("ghostserve_parity_produced_bytes_total", records.numel())
         self.seconds["worker"] += time.perf_counter() - started
+        self.seconds["worker_cpu"] += time.thread_time() - cpu
 
     def _report(self, period_s: float = 1.0) -> None:
         """Refresh the metrics every ``period_s`` (also while idle, so lag is seen to return to 0) and log
@@ -496,6 +499,7 @@ class Protector:
             "restarts": rejoin.MEMBERS.restarts.get(self.rank, 0),
             "steps_lost_with_peer": self.steps_lost_with_peer,
             "capture_seconds": self.seconds["capture"], "worker_seconds": self.seconds["worker"],
+            "worker_cpu_seconds": self.seconds["worker_cpu"],
             "drain_write_seconds": counters.write_seconds,
             "checkpoint_latency_seconds": _quantiles(self.drain.latencies()),
         }
