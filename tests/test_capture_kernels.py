@@ -89,3 +89,16 @@ def test_fused_gather_reads_slots_past_2gib_into_a_layer():
         column = -(-view.slot_layer_bytes // ranks)
         want = cut_columns(view.gather(slots, use_triton=False), ranks, column)
         assert torch.equal(view.gather_columns(slots, ranks, column, use_triton=True), want)
+
+
+@pytest.mark.parametrize("code,ranks,parity_shards", [*GEOMETRIES, ("replicate", 1, 1)])
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "cpu"])
+def test_no_slots_give_no_records(code, ranks, parity_shards, use_triton):
+    """A scrub or rebuild of an empty set (no live slots) encodes nothing, in the record width."""
+    view = KVView(random_pool(8, 5, 24, 3, torch.bfloat16, seed=0))
+    column = -(-view.slot_layer_bytes // ranks)
+    columns = view.gather_columns(torch.tensor([], dtype=torch.int64), ranks, column, use_triton=use_triton)
+    records = ColumnEncoder(code, ranks, parity_shards, torch.device("cpu"), use_triton=use_triton).encode(
+        columns)
+    width = 3 * (view.slot_layer_bytes if code == "replicate" else parity_shards * column)
+    assert columns.shape == (ranks, 0, 3, column) and records.shape == (0, width)

@@ -56,7 +56,8 @@ class ColumnEncoder:
         column]``, contiguous uint8)."""
         ranks, n, layers, column = received.shape
         if self.code.code == "replicate":  # one rank's own rows, nothing exchanged
-            return received.view(n, -1)
+            return received.view(n, layers * column)
+        record = layers * self.parity_shards * column
         if self.use_triton:
             return self._encode_triton(received)
         if self.code.code == "xor" and column % 8 == 0:
@@ -64,9 +65,9 @@ class ColumnEncoder:
             out = words[0].clone()
             for j in range(1, ranks):
                 out.bitwise_xor_(words[j])
-            return out.view(torch.uint8).view(n, -1)
+            return out.view(torch.uint8).view(n, record)
         parity = self.code.encode(list(received.unbind(0)))  # parity_shards x [n, layers, column]
-        return torch.stack(parity, dim=2).view(n, -1)
+        return torch.stack(parity, dim=2).view(n, record)
 
     def _encode_triton(self, received: torch.Tensor) -> torch.Tensor:
         ranks, n, layers, column = received.shape
