@@ -59,7 +59,7 @@ class ColumnEncoder:
             return received.view(n, layers * column)
         record = layers * self.parity_shards * column
         if self.use_triton:
-            return self._encode_triton(received)
+            return self._encode_triton(received, record)
         if self.code.code == "xor" and column % 8 == 0:
             words = received.view(torch.int64)
             out = words[0].clone()
@@ -69,10 +69,9 @@ class ColumnEncoder:
         parity = self.code.encode(list(received.unbind(0)))  # parity_shards x [n, layers, column]
         return torch.stack(parity, dim=2).view(n, record)
 
-    def _encode_triton(self, received: torch.Tensor) -> torch.Tensor:
+    def _encode_triton(self, received: torch.Tensor, record: int) -> torch.Tensor:
         ranks, n, layers, column = received.shape
-        out = torch.empty((n, layers * self.parity_shards * column), dtype=torch.uint8,
-                          device=received.device)
+        out = torch.empty((n, record), dtype=torch.uint8, device=received.device)
         if n:
             block = min(1024, triton.next_power_of_2(column))
             grid = (n * layers, self.parity_shards, triton.cdiv(column, block))

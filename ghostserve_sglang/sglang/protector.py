@@ -363,7 +363,7 @@ class Protector:
         """Exchange, encode, stage: a fixed number of launches, no host synchronisation. Slot 0 (padded
         tokens' writes, never live) goes along; the drain skips it."""
         started, cpu = time.perf_counter(), time.thread_time()
-        records = self.encoder.encode(self.collectives.all_to_all(columns) if self.exchanges else columns)
+        records = self.encode_columns(columns)
         self.drain.submit(step, slots, records, captured_at)
         self.metrics.add("ghostserve_parity_produced_bytes_total", records.numel())
         self.seconds["worker"] += time.perf_counter() - started
@@ -416,7 +416,11 @@ class Protector:
     def encode_slots(self, slots: torch.Tensor) -> torch.Tensor:
         """This rank's parity records ``[n, record_bytes]`` of ``slots`` as the pool holds them now (the
         same slots on every rank). Collective for xor and rs."""
-        columns = self.kv.gather_columns(slots, *self.cut)
+        return self.encode_columns(self.kv.gather_columns(slots, *self.cut))
+
+    def encode_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """Records of captured ``columns`` (``kv.gather_columns(slots, *self.cut)``): exchanged first
+        for xor and rs (collective)."""
         return self.encoder.encode(self.all_to_all(columns) if self.exchanges else columns)
 
     # -- collectives on GhostServe's own groups (worker thread) ------------------------------------
