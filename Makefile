@@ -1,9 +1,10 @@
 # Two entry points: `make run` (the main job) and `make test` (the test suite). Each creates or reuses
-# a virtual environment keyed by a hash of pyproject.toml, so an unchanged environment is built once.
+# a virtual environment keyed by a hash of pyproject.toml's dependencies (.ci/env_key.py), so an
+# unchanged environment is built once.
 
 PYTHON ?= python3
 VENV_ROOT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ghostserve-sglang
-VENV := $(VENV_ROOT)/venv-$(shell sha256sum pyproject.toml | cut -c1-16)
+VENV := $(VENV_ROOT)/venv-$(shell $(PYTHON) .ci/env_key.py)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 RUN_PORT ?= 30000

@@ -21,7 +21,7 @@ fi
 
 if [ ! -f "$venv/.complete" ]; then
   log="$venv.install.log"
-  echo "creating $venv (first time for this pyproject.toml: installs sglang, about ten minutes; log: $log)"
+  echo "creating $venv (first time for these dependencies: installs sglang, about ten minutes; log: $log)"
   rm -rf "$venv"
   mkdir -p "$(dirname "$venv")"
   if ! { "$python" -m venv "$venv" \
@@ -31,14 +31,16 @@ if [ ! -f "$venv/.complete" ]; then
     echo "set-up failed; the whole log is $log" >&2
     exit 1
   fi
-  echo "$here" > "$venv/.source"
+  echo "$here $(sha256sum "$here/pyproject.toml" | cut -c1-16)" > "$venv/.source"
   touch "$venv/.complete"
 fi
 
-# The environment is shared between checkouts: point the editable install at this one.
-if [ "$(cat "$venv/.source" 2>/dev/null)" != "$here" ]; then
+# The environment is shared between checkouts: point the editable install at this one, and install the
+# project again when its pyproject.toml changed (entry points, package data).
+installed="$here $(sha256sum "$here/pyproject.toml" | cut -c1-16)"
+if [ "$(cat "$venv/.source" 2>/dev/null)" != "$installed" ]; then
   "$venv/bin/pip" install -q --no-deps -e "$here"
-  echo "$here" > "$venv/.source"
+  echo "$installed" > "$venv/.source"
 fi
 
 # The bundled models' weights and tokenizers (generated from a seed, checked against SHA256SUMS).

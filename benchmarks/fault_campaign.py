@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghostserve_sglang import models  # noqa: E402
-from ghostserve_sglang.campaign import LONG_PROMPT, request_mix, run_kill_trial, run_trial  # noqa: E402
-from ghostserve_sglang.local_server import launched  # noqa: E402
+from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial, run_trial  # noqa: E402
+from ghostserve_sglang.testing.local_server import launched  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ghostserve_sglang.local_server import launched  # noqa: E402
+from ghostserve_sglang.testing.local_server import launched  # noqa: E402
 
 
 def main() -> None:

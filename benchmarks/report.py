@@ -34,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ghostserve_sglang.local_server import launched  # noqa: E402
+from ghostserve_sglang.testing.local_server import launched  # noqa: E402
 
 TP = 2
 DECODE_GRID = [(1, 128), (4, 128), (16, 128), (4, 1024), (4, 3072)]  # (batch, context)

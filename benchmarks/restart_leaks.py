@@ -18,8 +18,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ghostserve_sglang.campaign import generate_mix, request_mix  # noqa: E402
-from ghostserve_sglang.local_server import launched  # noqa: E402
+from ghostserve_sglang.testing.campaign import generate_mix, request_mix  # noqa: E402
+from ghostserve_sglang.testing.local_server import launched  # noqa: E402
 
 
 def role(process: psutil.Process, root: psutil.Process) -> str:

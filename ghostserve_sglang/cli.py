@@ -1,5 +1,8 @@
 """``ghostserve status`` and ``ghostserve scrub``: ask a running server about its protection.
-``ghostserve check-sglang``: check the installed SGLang against the releases GhostServe declares."""
+``ghostserve check-sglang``: check the installed SGLang against the releases GhostServe declares.
+
+May import: anything.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import os
 import sys
 
 from .control import ControlError, call
-from .sglang.drills import HOWS, MOMENTS
+from .drills.process import HOWS, MOMENTS
 
 
 def _instance(args: argparse.Namespace) -> str:
@@ -36,7 +39,7 @@ def _print_scrub(reply: dict) -> None:
 
 
 def _check_sglang(declaration: bool) -> int:
-    from .sglang import patches
+    from .sglang.patching import patches
 
     if declaration:
         print(json.dumps(patches.declaration(), indent=2))
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-sglang", help="check the installed SGLang against the declared releases "
                            "and patch signatures (no server needed); exit 1 on any difference")
     check.add_argument("--declaration", action="store_true", help="print the installed SGLang's entry "
-                       "for ghostserve_sglang/sglang/releases.json instead")
+                       "for ghostserve_sglang/sglang/patching/releases.json instead")
     for command in sub.choices.values():  # also after the command: `ghostserve status --json`
         command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                              help="print the reply as JSON")

@@ -4,6 +4,8 @@ Rank 0's scheduler listens on a Unix socket named for the server instance. A req
 appended to the requests rank 0 pulls in its next loop iteration, so SGLang's own broadcast carries it
 to every rank and all ranks handle it at the same point between two steps. Rank 0 writes the reply.
 Each connection carries one JSON line each way.
+
+May import: nothing else in the package.
 """
 
 from __future__ import annotations

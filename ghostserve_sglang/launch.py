@@ -4,6 +4,8 @@ Starts a stock SGLang server with GhostServe's protection. SGLang's flags pass t
 ``--ghost-*`` flags are split off, validated against the server's parallel layout and exported as
 ``GHOSTSERVE_*`` variables for SGLang's spawned processes, where the plugin entry point installs the
 patches. Bad settings are refused with one line before SGLang starts.
+
+May import: anything.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import threading
 import time
 import urllib.request
 
-from . import logs, refusal, settings
+from . import logs, settings
 from .control import socket_path
 from .settings import SettingsError
-from .sglang import compatibility, cpu_compat, membership
-from .sglang.patches import MAIN_PATCHER, PatchError, check_supported, load_spec
-from .sglang.supervisor import SUPERVISOR
+from .sglang.patching import compatibility, cpu_compat, refusal
+from .sglang.patching.patches import MAIN_PATCHER, PatchError, check_supported, load_spec
+from .sglang.restart import membership
+from .sglang.restart.supervisor import SUPERVISOR
 from .store import remove_orphans
 
 # What a dead rank's replacement needs from every scheduler process (docs/rank-restart.md): the launcher

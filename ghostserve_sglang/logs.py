@@ -4,7 +4,10 @@
 
 Every event is written as one line in a single ``write``: SGLang's processes share one stderr, and
 under ``PYTHONUNBUFFERED`` a ``print`` writes the text and its newline separately, so lines from two
-ranks would run together and a JSON log would not parse line by line."""
+ranks would run together and a JSON log would not parse line by line.
+
+May import: nothing else in the package.
+"""
 
 from __future__ import annotations
 

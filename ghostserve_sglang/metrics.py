@@ -4,6 +4,8 @@ SGLang runs prometheus-client in multiprocess mode and sets ``PROMETHEUS_MULTIPR
 the scheduler processes; this module is imported only inside them (by the Protector), after that. Every
 series carries ``tp_rank``; the only other labels are bounded (``code``, ``outcome``). Every gauge names
 its multiprocess mode: each rank writes its own labelled series, so "most recent" is that rank's value.
+
+May import: nothing else in the package.
 """
 
 from __future__ import annotations

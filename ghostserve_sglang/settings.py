@@ -4,6 +4,8 @@ environment variables that carry them into SGLang's spawned processes, and their
 Every flag maps 1:1 to a variable (``--ghost-parity-shards`` <-> ``GHOSTSERVE_PARITY_SHARDS``). The
 launcher parses flags, validates them against the SGLang arguments and exports the variables; every
 scheduler process reads the same variables back with ``Settings.from_env``.
+
+May import: store, codec.
 """
 
 from __future__ import annotations

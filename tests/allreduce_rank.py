@@ -14,7 +14,7 @@ import types
 import torch
 import torch.distributed as dist
 
-from ghostserve_sglang.sglang.cpu_compat import ordered_all_reduce
+from ghostserve_sglang.sglang.patching.cpu_compat import ordered_all_reduce
 
 rank, port = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)

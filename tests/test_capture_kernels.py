@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ghostserve_sglang.codec import new_code
-from ghostserve_sglang.sglang.column_encoder import ColumnEncoder
-from ghostserve_sglang.sglang.kv import KVView, cut_columns
+from ghostserve_sglang.sglang.protection.column_encoder import ColumnEncoder
+from ghostserve_sglang.sglang.protection.kv import KVView, cut_columns
 
 GIB = 1 << 30
 GEOMETRIES = [("xor", 3, 1), ("rs", 4, 2), ("rs", 2, 1)]

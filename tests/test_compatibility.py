@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from ghostserve_sglang import models
-from ghostserve_sglang.campaign import LONG_PROMPT, request_mix, run_kill_trial, run_trial
-from ghostserve_sglang.local_server import free_port, launched
+from ghostserve_sglang.drills import kv as kv_drills
+from ghostserve_sglang.sglang.protection.scrub import scrub as scrub_parity
+from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial, run_trial
+from ghostserve_sglang.testing.local_server import free_port, launched
 from ghostserve_sglang.testing.rig import make_protector, stop, written
 
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1",
@@ -172,9 +174,9 @@ def test_fp8_kv_is_protected_as_bytes_in_sglangs_pool():
         written(protector, 40, seed=3)
         live = protector.coverage()[0]
         before = protector.kv.gather(live).clone()
-        scrub = protector.call(protector._scrub)
+        scrub = protector.call(lambda: scrub_parity(protector))
         assert scrub["matching"] == scrub["live_slots"] == 40 and scrub["mismatching"] == 0
-        protector.call(lambda: protector._inject([0]))
+        protector.call(lambda: kv_drills.inject(protector, [0]))
         assert not torch.equal(protector.kv.gather(live), before)
         assert protector.recover(None, [0])["slots_rebuilt"] == 40
         assert torch.equal(protector.kv.gather(live), before)

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from ghostserve_sglang.campaign import generate_mix, request_mix, run_trial
-from ghostserve_sglang.local_server import launched
+from ghostserve_sglang.testing.campaign import generate_mix, request_mix, run_trial
+from ghostserve_sglang.testing.local_server import launched
 
 PAIRS = 12
 

@@ -6,7 +6,7 @@ import pytest
 
 from ghostserve_sglang import launch, models, settings
 from ghostserve_sglang.settings import OPTIONS, Settings, SettingsError
-from ghostserve_sglang.sglang import compatibility, patches
+from ghostserve_sglang.sglang.patching import compatibility, patches
 
 BASE = ["--model-path", str(models.path()), "--device", "cpu"]
 
@@ -88,7 +88,7 @@ def test_a_parity_store_larger_than_dev_shm_is_refused_at_start_in_one_line():
     import sys
     import time
 
-    from ghostserve_sglang.local_server import CPU_FLAGS, free_port
+    from ghostserve_sglang.testing.local_server import CPU_FLAGS, free_port
 
     stat = os.statvfs("/dev/shm")
     too_much = (stat.f_bavail * stat.f_frsize >> 20) + 1024  # MiB of staging ring alone

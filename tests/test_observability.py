@@ -16,8 +16,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from ghostserve_sglang.campaign import run_trial
-from ghostserve_sglang.local_server import free_port, launched
+from ghostserve_sglang.testing.campaign import run_trial
+from ghostserve_sglang.testing.local_server import free_port, launched
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((ROOT / "dashboards" / "grafana").glob("*.json"))

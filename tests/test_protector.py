@@ -8,7 +8,9 @@ import threading
 import pytest
 import torch
 
-from ghostserve_sglang.sglang.work_queue import WorkQueue
+from ghostserve_sglang.drills import kv as kv_drills
+from ghostserve_sglang.sglang.protection.scrub import scrub as scrub_parity
+from ghostserve_sglang.sglang.protection.work_queue import WorkQueue
 from ghostserve_sglang.testing.rig import make_protector, stop, written
 
 SLOTS = 256
@@ -41,7 +43,7 @@ def test_a_write_larger_than_a_quarter_of_the_queue_is_captured_in_parts(protect
     written(protector, 5 * PART + 1, seed=1)
     assert protector.step - before == 6  # five whole parts and one slot
     assert sizes["gather"] == [PART] * 5 + [1]
-    scrub = protector.call(protector._scrub)
+    scrub = protector.call(lambda: scrub_parity(protector))
     assert (scrub["live_slots"], scrub["matching"], scrub["mismatching"], scrub["not_durable"]) == (
         5 * PART + 1, 5 * PART + 1, 0, 0)
     assert sizes["gather"][6:] == [PART] * 5 + [1]  # the scrub too
@@ -51,7 +53,7 @@ def test_a_lost_kv_is_rebuilt_part_by_part_to_the_same_bytes(protector, sizes):
     written(protector, 7 * PART + 3, seed=2)
     live = protector.coverage()[0]
     before = protector.kv.gather(live).clone()
-    protector.call(lambda: protector._inject([0]))
+    protector.call(lambda: kv_drills.inject(protector, [0]))
     assert not torch.equal(protector.kv.gather(live), before)
     result = protector.recover(None, [0])
     assert result["outcome"] == "rebuilt" and result["slots_rebuilt"] == len(live)

@@ -15,9 +15,9 @@ import urllib.error
 
 import pytest
 
-from ghostserve_sglang.campaign import request_mix
 from ghostserve_sglang.control import ControlError
-from ghostserve_sglang.local_server import launched
+from ghostserve_sglang.testing.campaign import request_mix
+from ghostserve_sglang.testing.local_server import launched
 
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1"]
 
@@ -96,7 +96,7 @@ def test_a_killed_process_semaphore_is_removed_and_a_live_one_kept():
     when the server stops); after a replacement the supervisor removes those no process has mapped."""
     import multiprocessing
 
-    from ghostserve_sglang.sglang.supervisor import remove_orphaned_semaphores
+    from ghostserve_sglang.sglang.restart.supervisor import remove_orphaned_semaphores
 
     since = time.time() - 1
     context = multiprocessing.get_context("spawn")

@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
-from ghostserve_sglang.campaign import LONG_PROMPT, request_mix, run_kill_trial
-from ghostserve_sglang.local_server import launched
+from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial
+from ghostserve_sglang.testing.local_server import launched
 
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1",
          "--ghost-rejoin-timeout-seconds", "240"]

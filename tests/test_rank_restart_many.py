@@ -15,8 +15,8 @@ import urllib.error
 
 import pytest
 
-from ghostserve_sglang.campaign import LONG_PROMPT, request_mix, run_kill_trial
-from ghostserve_sglang.local_server import launched
+from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial
+from ghostserve_sglang.testing.local_server import launched
 
 FLAGS = ["--chunked-prefill-size", "128"]
 

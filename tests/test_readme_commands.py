@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ghostserve_sglang.local_server import free_port
+from ghostserve_sglang.testing.local_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

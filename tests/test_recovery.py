@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ghostserve_sglang.campaign import run_trial
-from ghostserve_sglang.local_server import launched
+from ghostserve_sglang.testing.campaign import run_trial
+from ghostserve_sglang.testing.local_server import launched
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from ghostserve_sglang import control
-from ghostserve_sglang.local_server import launched
+from ghostserve_sglang.testing.local_server import launched
 
 CHUNK = 128  # --chunked-prefill-size: the long prompts below are prefilled in several chunks
 PROMPTS = [[(7 * i + 3 * j) % 1000 + 3 for j in range(n)] for i, n in enumerate((5, 40, 17, 90))]

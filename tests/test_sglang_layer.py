@@ -12,9 +12,9 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from ghostserve_sglang.settings import Settings
-from ghostserve_sglang.sglang import cpu_compat, hooks, patches
-from ghostserve_sglang.sglang.kv import KVView, UnsupportedPool, check_pool, live_slots
-from ghostserve_sglang.sglang.patches import TARGETS, Patcher, PatchError, Target
+from ghostserve_sglang.sglang.patching import cpu_compat, hooks, patches, state
+from ghostserve_sglang.sglang.patching.patches import TARGETS, Patcher, PatchError, Target
+from ghostserve_sglang.sglang.protection.kv import KVView, UnsupportedPool, check_pool, live_slots
 
 
 def make_pool(size: int = 64, heads: int = 3, head_dim: int = 8, layers: int = 2):
@@ -37,9 +37,9 @@ def recorder():
     freed: list[list[int]] = []
     protector = types.SimpleNamespace(kv=types.SimpleNamespace(pool=pool, slots=65), model_runner=None,
                                       control=None, on_free=lambda s: freed.append(sorted(s.tolist())))
-    hooks.STATE.settings, hooks.STATE.protector = Settings.from_values({"strict": "1"}), protector
+    state.STATE.settings, state.STATE.protector = Settings.from_values({"strict": "1"}), protector
     yield allocator, freed
-    hooks.STATE.settings, hooks.STATE.protector = None, None
+    state.STATE.settings, state.STATE.protector = None, None
 
 
 def test_install_uninstall_install_restores_sglang_exactly(recorder):
@@ -177,7 +177,7 @@ def test_ordered_all_reduce_sums_in_rank_order_whatever_the_length():
     import sys
     from pathlib import Path
 
-    from ghostserve_sglang.local_server import free_port
+    from ghostserve_sglang.testing.local_server import free_port
 
     script, port = Path(__file__).with_name("allreduce_rank.py"), str(free_port())
     ranks = [subprocess.Popen([sys.executable, str(script), str(r), port], stdout=subprocess.PIPE, text=True)

@@ -17,8 +17,8 @@ import sysconfig
 
 import pytest
 
-from ghostserve_sglang.campaign import LONG_PROMPT, request_mix, run_kill_trial, run_trial
-from ghostserve_sglang.local_server import launched
+from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial, run_trial
+from ghostserve_sglang.testing.local_server import launched
 
 CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1",

@@ -3,6 +3,8 @@
 >>> code = new_code("rs", data_shards=4, parity_shards=2)
 >>> parity = code.encode(shards)                      # 4 tensors in, 2 out
 >>> whole = code.reconstruct([None, s1, None, s3, *parity])
+
+May import: nothing else in the package.
 """
 
 from .backends import BACKENDS, available_backends, select_backend

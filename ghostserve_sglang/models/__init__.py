@@ -10,6 +10,8 @@ tokenizer are generated on first use (about a second) by :mod:`.build`, next to 
 folder is writable and otherwise under ``~/.cache/ghostserve-sglang/models``. Serve them with
 ``--dtype float32``: SGLang would otherwise serve the float32 weights in float16, and then concurrent
 requests' greedy outputs depend on how they are batched.
+
+May import: nothing else in the package.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Host side of GhostServe: per-rank parity shards in shared memory and the drain that fills them."""
+"""Host side of GhostServe: per-rank parity shards in shared memory and the drain that fills them.
+
+May import: codec.
+"""
 
 from .drain import ON_FULL, DrainCounters, ParityDrain
 from .geometry import StoreError, StoreGeometry

@@ -12,7 +12,7 @@ import uuid
 import torch
 
 from ..settings import Settings
-from ..sglang.protector import Protector
+from ..sglang.protection.protector import Protector
 from . import standin
 
 

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ghostserve_sglang.codec import new_code  # noqa: E402
-from ghostserve_sglang.sglang.column_encoder import ColumnEncoder  # noqa: E402
-from ghostserve_sglang.sglang.kv import KVView  # noqa: E402
+from ghostserve_sglang.sglang.protection.column_encoder import ColumnEncoder  # noqa: E402
+from ghostserve_sglang.sglang.protection.kv import KVView  # noqa: E402
 
 GIB = 1 << 30
 

@@ -26,7 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ghostserve_sglang.sglang.column_encoder import ColumnEncoder  # noqa: E402
+from ghostserve_sglang.drills import kv as kv_drills
+from ghostserve_sglang.sglang.protection import reporting
+from ghostserve_sglang.sglang.protection.column_encoder import ColumnEncoder  # noqa: E402
+from ghostserve_sglang.sglang.protection.scrub import scrub as scrub_parity
 from ghostserve_sglang.testing.rig import fill, make_protector, stop  # noqa: E402
 
 DEVICE = "cpu" if "--device" in sys.argv and sys.argv[-1] == "cpu" else "cuda"
@@ -72,14 +75,14 @@ def replicate_under_load() -> tuple[bool, str]:
     p = make_protector(DEVICE, pool="standin", code="replicate", **SHAPE)
     try:
         rate = load(p)
-        scrub = p.call(p._scrub)
+        scrub = p.call(lambda: scrub_parity(p))
         live = p.coverage()[0]
         before = p.kv.gather(live).clone()
-        p.call(lambda: p._inject([0]))
+        p.call(lambda: kv_drills.inject(p, [0]))
         destroyed = not torch.equal(p.kv.gather(live), before)
         recovery = p.recover(None, [0])
         restored = torch.equal(p.kv.gather(live), before)
-        errors = p.call(p._status)["ranks"][0]["errors"]
+        errors = p.call(lambda: reporting.status(p, 0))["ranks"][0]["errors"]
     finally:
         stop(p)
     ok = (scrub["mismatching"] == 0 and scrub["not_durable"] == 0 and scrub["matching"] == len(live) > 0
@@ -97,7 +100,7 @@ def code_under_load(code: str, parity_shards: int) -> tuple[bool, str]:
         stored = p.segment.read(live.cpu())
         columns = p.kv.gather_columns(live, *p.cut, use_triton=False).cpu()  # the emulated exchange
         want = ColumnEncoder(code, 4, parity_shards, torch.device("cpu")).encode(columns)
-        errors = p.call(p._status)["ranks"][0]["errors"]
+        errors = p.call(lambda: reporting.status(p, 0))["ranks"][0]["errors"]
     finally:
         stop(p)
     ok = bool(stored.usable.all()) and torch.equal(stored.parity, want) and errors == 0 and len(live) > 0

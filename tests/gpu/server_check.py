@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ghostserve_sglang.local_server import COMMON_FLAGS, launched  # noqa: E402
+from ghostserve_sglang.testing.local_server import COMMON_FLAGS, launched  # noqa: E402
 
 FLAGS = [*COMMON_FLAGS, "--mem-fraction-static", "0.3", "--cuda-graph-max-bs-decode", "32"]
 GHOST = ["--ghost-code", "replicate", "--ghost-strict", "1", "--ghost-enable-fault-injection", "1"]

@@ -18,6 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from ghostserve_sglang.sglang.protection import reporting
+from ghostserve_sglang.sglang.protection.scrub import scrub as scrub_parity
 from ghostserve_sglang.store import ParityDrain, ParitySegment, StoreGeometry  # noqa: E402
 from ghostserve_sglang.testing.rig import fill, make_protector, stop, written  # noqa: E402
 
@@ -29,7 +31,7 @@ def record_write_waits_for_the_gather(p) -> bool:
     fill(p, slots, seed=1)
     torch.cuda._sleep(DELAY)  # SGLang's stream is behind: the gather and the slot copy run late
     p.record_write(slots)
-    scrub = p.call(p._scrub)
+    scrub = p.call(lambda: scrub_parity(p))
     return scrub["mismatching"] == 0 and scrub["not_durable"] == 0 and scrub["matching"] >= 512
 
 
@@ -85,7 +87,7 @@ def main() -> int:
             ok = check(p)
             failed += not ok
             print(f"{check.__name__}: {'PASS' if ok else 'FAIL'}", flush=True)
-        status = p.call(p._status)["ranks"][0]
+        status = p.call(lambda: reporting.status(p, 0))["ranks"][0]
         print(f"worker errors: {status['errors']}")
         failed += status["errors"] != 0
     finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .store.segment import SHM_DIR
+from ...store.segment import SHM_DIR
 
 EXIT_STATUS = 2
 
@@ -26,7 +26,7 @@ def path(instance_id: str) -> str:
 def refuse(instance_id: str, message: str, rank: int | None = None) -> None:
     """In a scheduler process: print ``message`` as one line and exit. Under the launcher's supervision
     it is also recorded (the first rank to refuse wins) for the launcher to print as its error."""
-    from .sglang import membership
+    from ..restart import membership
 
     line = " ".join(message.split())
     if membership.supervised():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from ..settings import SettingsError
+from ...settings import SettingsError
 
 _FIX = "run without it, or with --ghost-code off"
 _EXTERNAL_KV = ("it loads KV into the pool from another cache with its own kernels, past GhostServe's "

@@ -11,7 +11,7 @@ import random
 import signal
 import time
 
-from .control import ControlError
+from ..control import ControlError
 from .local_server import Server
 
 LONG_PROMPT = ([11] * 40 + [(7 * i) % 997 + 3 for i in range(560)], 16)  # 5 chunks at a chunk size of 128

@@ -12,10 +12,11 @@ import os
 
 import torch
 
-from .. import logs
-from ..settings import Settings, SettingsError
-from . import cpu_compat, hooks
+from ... import logs
+from ...settings import Settings, SettingsError
+from . import cpu_compat
 from .patches import CPU_PATCHER, PATCHER, PatchError
+from .state import STATE
 
 
 def load() -> None:
@@ -32,7 +33,7 @@ def load() -> None:
             CPU_PATCHER.install(allow_unsupported=settings.allow_unsupported_sglang)
         if not settings.enabled:
             return
-        hooks.STATE.settings = settings
+        STATE.settings = settings
         PATCHER.install(allow_unsupported=settings.allow_unsupported_sglang)
     except PatchError as exc:
         # SystemExit passes SGLang's plugin loader, which logs and swallows ordinary exceptions.

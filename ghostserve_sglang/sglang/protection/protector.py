@@ -1,5 +1,5 @@
 """One scheduler rank's protection: capture each step's KV writes, exchange columns across the TP group,
-encode parity and hand it to the drain; answer control requests.
+encode parity and hand it to the drain; run control requests' work on its worker thread.
 
 The scheduler thread only gathers the written slots' bytes and queues them. A worker thread owns
 everything collective (the column all-to-all and the control requests' gathers) on a dedicated group,
@@ -23,33 +23,22 @@ import time
 
 import structlog
 import torch
-import torch.distributed as dist
 
-from ..control import ControlRequest, ControlServer
-from ..settings import Settings
-from ..store.drain import ParityDrain
-from ..store.geometry import StoreGeometry
-from ..store.segment import SHM_DIR, ParitySegment, check_space, segment_path
-from . import drills, membership, recovery, rejoin
-from .collectives import TPCollectives
+from ...control import ControlServer
+from ...settings import Settings
+from ...store.drain import ParityDrain
+from ...store.geometry import StoreGeometry
+from ...store.segment import SHM_DIR, ParitySegment, check_space, segment_path
+from . import recovery, reporting
+from .collectives import TPCollectives, peer_lost
 from .column_encoder import ColumnEncoder
 from .kv import KVView, live_slots
-from .rejoin import peer_lost
 from .work_queue import WorkQueue
 
 log = structlog.get_logger("ghostserve.protector")
 
 AUTO_QUEUE_FRACTION, AUTO_QUEUE_MIN_BYTES = 1 / 64, 16 << 20  # --ghost-capture-queue-mib 0
 PARTS_PER_QUEUE = 4  # a write larger than a quarter of the queue bound is captured in parts
-DRILLS = ("inject-fault", "corrupt-parity", "drain", "kill-rank")  # need --ghost-enable-fault-injection
-
-
-def _quantiles(values: list[float]) -> dict:
-    if not values:
-        return {}
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50": pick(0.5), "p99": pick(0.99), "mean": sum(ordered) / len(ordered), "count": len(ordered)}
 
 
 def capture_queue_bytes(settings: Settings, kv: KVView) -> int:
@@ -61,11 +50,16 @@ def capture_queue_bytes(settings: Settings, kv: KVView) -> int:
 
 class Protector:
     """``model_runner`` gives the pool (checked first by ``kv.check_pool``) and its allocator;
-    ``collectives`` replaces the TP group's own (``TPCollectives``), for ranks emulated on one device."""
+    ``collectives`` replaces the TP group's own (``TPCollectives``), for ranks emulated on one device.
+    ``supervised``: the launcher replaces a dead peer (this rank holds for it) and removes the host files
+    at the end; ``hook_errors``: the patch layer's error counts, reported with this rank's own."""
 
     def __init__(self, settings: Settings, model_runner, instance_id: str, tp_group,
-                 replacement: bool = False, collectives=None) -> None:
+                 replacement: bool = False, collectives=None, supervised: bool = False,
+                 hook_errors: dict | None = None) -> None:
         self.settings = settings
+        self.supervised = supervised
+        self.hook_errors = {} if hook_errors is None else hook_errors
         self.instance_id = instance_id
         self.model_runner = model_runner
         self.allocator = model_runner.token_to_kv_pool_allocator
@@ -119,16 +113,17 @@ class Protector:
         self._failure: BaseException | None = None
         self.queue_bytes = capture_queue_bytes(settings, self.kv)
         self.chunk_slots = max(1, self.queue_bytes // (PARTS_PER_QUEUE * self.kv.slot_bytes))
-        self._queue = WorkQueue(self.queue_bytes, self.device)
+        self.work_queue = WorkQueue(self.queue_bytes, self.device)
         self._stream = torch.cuda.Stream() if self.device.type == "cuda" else None
         self._worker = threading.Thread(target=self._work, name="ghostserve-encode", daemon=True)
         self._worker.start()
         self.control = ControlServer(instance_id) if self.rank == 0 else None
-        from ..metrics import Metrics  # after SGLang set PROMETHEUS_MULTIPROC_DIR
+        from ...metrics import Metrics  # after SGLang set PROMETHEUS_MULTIPROC_DIR
 
         self.metrics = Metrics(self.rank, settings.code)
         self.metrics.set("ghostserve_host_store_capacity_bytes", self.segment.size_bytes)
-        self._reporter = threading.Thread(target=self._report, name="ghostserve-metrics", daemon=True)
+        self._reporter = threading.Thread(target=reporting.refresh_metrics, args=(self,),
+                                          name="ghostserve-metrics", daemon=True)
         self._reporter.start()
         atexit.register(self.close)
         for signum in (signal.SIGTERM, signal.SIGINT):  # a stop; a replacement of a rank stopped
@@ -162,47 +157,17 @@ class Protector:
             self.step += 1
             self.metrics.add("ghostserve_steps_captured_total")
             columns = self.kv.gather_columns(part, *self.cut)
-            self._queue.put(("step", self.step, part.clone(), columns, time.monotonic()), columns.nbytes)
+            self.work_queue.put(("step", self.step, part.clone(), columns, time.monotonic()), columns.nbytes)
 
     def on_free(self, slots: torch.Tensor) -> None:
         self.raise_failure()
         self.written.index_fill_(0, slots.to(self.device, torch.int64), False)
-        self._queue.put(("free", slots.clone()))
+        self.work_queue.put(("free", slots.clone()))
 
     def live_slots(self) -> torch.Tensor:
         """Slots that hold KV someone may read: allocated, and written since they were allocated."""
         live = live_slots(self.allocator, self.kv.slots)
         return live[self.written.cpu()[live]]
-
-    def handle_control(self, request: ControlRequest, scheduler) -> dict:
-        """Carry out a control request; every rank runs this at the same point between two steps."""
-        args = request.args
-        if request.op == "status":
-            return self.call(self._status)
-        if request.op == "scrub":
-            return self.call(lambda: self._scrub(wait=bool(args.get("wait", True))))
-        if request.op in DRILLS and not self.settings.enable_fault_injection:
-            return {"error": f"{request.op} is refused: the server runs without "
-                             "--ghost-enable-fault-injection"}
-        if request.op == "drain":
-            return self.call(lambda: self._drain_control(bool(args["pause"])))
-        if request.op == "corrupt-parity":
-            return self.call(lambda: self._corrupt(int(args["rank"]), int(args["slots"])))
-        if request.op == "kill-rank":
-            return drills.kill_rank(self, args.get("rank"), args.get("signal", "KILL"),
-                                    bool(args.get("fail_replacement", False)), args.get("at", "now"))
-        ranks = args.get("ranks") or sorted(self.lost)
-        if not ranks:
-            return {"error": f"{request.op} needs --rank: no rank has lost its KV"}
-        valid = all(isinstance(r, int) and 0 <= r < self.ranks for r in ranks)
-        if not valid or len(set(ranks)) != len(ranks):
-            return {"error": f"ranks={ranks} is not allowed; give distinct ranks in 0..{self.ranks - 1}"}
-        if request.op == "recover":
-            return self.recover(scheduler, ranks)
-        reply = {"fault": self.call(lambda: self._inject(ranks))}
-        if args.get("recover", self.settings.auto_recover):
-            reply["recovery"] = self.recover(scheduler, ranks)
-        return reply
 
     def recover(self, scheduler, lost: list[int], retract: bool = False,
                 restart_phases: dict | None = None) -> dict:
@@ -240,7 +205,7 @@ class Protector:
         """Run ``fn`` on the worker thread after every step queued before it; return its result."""
         box: queue.Queue = queue.Queue(maxsize=1)
         stopped = RuntimeError("GhostServe's worker has stopped; the server is shutting down")
-        if not self._queue.put(("call", fn, box)):
+        if not self.work_queue.put(("call", fn, box)):
             raise stopped
         while True:
             try:
@@ -302,7 +267,7 @@ class Protector:
             self.segment.close()
         if self.control is not None:
             self.control.close()
-        if not membership.supervised():  # else a replacement re-attaches; the launcher removes them
+        if not self.supervised:  # else a replacement re-attaches; the launcher removes them
             self.unlink_files()
 
     # -- worker thread -----------------------------------------------------------------------------
@@ -312,7 +277,7 @@ class Protector:
             stream.__enter__()
         while True:
             try:
-                item = self._queue.get()
+                item = self.work_queue.get()
             except Exception as exc:  # the device failed under the wait: nothing more can be done
                 self._failure = exc
                 self.count_error("worker", exc)
@@ -331,18 +296,18 @@ class Protector:
                 elif kind == "call":
                     item[2].put(self._run_call(item[1]))
             except Exception as exc:
-                if membership.supervised() and peer_lost(exc):  # the scheduler thread holds too
+                if self.supervised and peer_lost(exc):  # the scheduler thread holds too
                     self.steps_lost_with_peer += 1
                 else:
                     self._failure = exc
                     self.count_error("worker", exc)
             finally:
                 item = None  # its tensors no longer count against the queue's bound
-                self._queue.done()
+                self.work_queue.done()
 
     def _close_queue(self, reason: str) -> None:
         """Close the queue to the worker; control calls still waiting in it are answered with ``reason``."""
-        for _, _, box in (item for item in self._queue.close() if item[0] == "call"):
+        for _, _, box in (item for item in self.work_queue.close() if item[0] == "call"):
             box.put(RuntimeError(reason))
 
     def _run_call(self, fn):
@@ -368,43 +333,6 @@ class Protector:
         self.metrics.add("ghostserve_parity_produced_bytes_total", records.numel())
         self.seconds["worker"] += time.perf_counter() - started
         self.seconds["worker_cpu"] += time.thread_time() - cpu
-
-    def _report(self, period_s: float = 1.0) -> None:
-        """Refresh the metrics every ``period_s`` (also while idle, so lag is seen to return to 0) and log
-        backpressure as it happens."""
-        from .hooks import STATE
-
-        m, warned = self.metrics, False
-        while True:
-            time.sleep(period_s)
-            if self.closed:
-                return
-            try:
-                counters = self.drain.counters()
-                m.mirror("ghostserve_parity_drained_bytes_total", counters.bytes_drained)
-                m.mirror("ghostserve_checksum_failures_total", counters.checksum_failures)
-                m.mirror("ghostserve_errors_total", sum(self.errors.values()) + sum(STATE.errors.values()))
-                stalls = counters.stalls + self._queue.stalls  # the ring's and the capture queue's
-                for name, what in (("ghostserve_backpressure_stalls_total", stalls),
-                                   ("ghostserve_backpressure_drops_total", counters.drops)):
-                    if m.mirror(name, what) > 0:
-                        log.warning("backpressure", rank=self.rank, step=self.step, stalls=counters.stalls,
-                                    capture_queue_stalls=self._queue.stalls, drops=counters.drops,
-                                    dropped_records=counters.dropped_records,
-                                    stall_seconds=counters.stall_seconds)
-                m.set("ghostserve_checkpoint_lag_steps", counters.lag_steps)
-                m.set("ghostserve_checkpoint_lag_seconds", counters.lag_seconds)
-                m.set("ghostserve_durable_watermark", self.segment.watermark)
-                live, durable, protected = self.coverage()
-                m.set("ghostserve_host_store_used_bytes", len(durable) * self.geometry.record_bytes)
-                m.set("ghostserve_protected_tokens", len(protected))
-                m.set("ghostserve_unprotected_tokens", len(live) - len(protected))
-                m.set("ghostserve_lost_ranks", len(self.lost))
-            except Exception as exc:  # e.g. a racing read of SGLang's allocator; the next round retries
-                if not warned:
-                    log.warning("metrics refresh failed; retrying", rank=self.rank, step=self.step,
-                                error=repr(exc))
-                    warned = True
 
     def count_error(self, where: str, exc: BaseException) -> None:
         """Errors inside GhostServe are counted; the first of each kind is logged with its traceback."""
@@ -438,107 +366,9 @@ class Protector:
     def gather_objects(self, value):
         return self.collectives.gather_objects(value)
 
-    # -- control requests (worker thread, collective) ----------------------------------------------
-    def _inject(self, ranks: list[int]) -> dict:
-        """Destroy the named ranks' KV (every layer and slot, overwritten with random bytes, not
-        zeros) and their parity still in flight, at this step boundary."""
-        discarded = 0
-        if self.rank in ranks:
-            generator = torch.Generator(device=self.device).manual_seed(self.step)
-            for buffer in (*self.kv.pool.k_buffer, *self.kv.pool.v_buffer):
-                raw = buffer.view(torch.uint8)
-                raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, device=self.device,
-                                        generator=generator))
-            discarded = self.drain.discard_pending()
-            self.metrics.add("ghostserve_faults_injected_total")
-        self.lost.update(ranks)
-        log.warning("fault injected", rank=self.rank, step=self.step, lost_ranks=ranks,
-                    discarded_records=discarded)
-        return {"lost_ranks": ranks, "step": self.step,
-                "discarded_records": sum(self.gather_objects(discarded))}
-
-    def _corrupt(self, rank: int, count: int) -> dict:
-        """Flip one byte in the host parity of ``count`` live, durable slots of ``rank`` (a drill for
-        the checksum path; the records stay marked durable)."""
-        chosen: list[int] = []
-        if self.rank == rank:
-            self.drain.flush()
-            protected = self.coverage()[2]
-            picks = torch.randperm(len(protected), generator=torch.Generator().manual_seed(self.step))[:count]
-            chosen = sorted(protected[picks].tolist())
-            for slot in chosen:
-                self.segment.table[slot, 0] ^= 0xFF
-        chosen = sum(self.gather_objects(chosen), [])
-        log.warning("parity corrupted", rank=self.rank, step=self.step, target_rank=rank, slots=len(chosen))
-        return {"rank": rank, "slots": chosen, "step": self.step}
-
-    def _drain_control(self, pause: bool) -> dict:
-        (self.drain.pause if pause else self.drain.resume)()
-        return {"paused": pause, "step": self.step}
-
     def coverage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Live slots, slots with durable parity, and the live ones among those (protected)."""
         live = self.live_slots()
         durable = self.segment.durable_slots()
         return live, durable, live[torch.isin(live, durable)]
 
-    def _status(self) -> dict:
-        counters = self.drain.counters()
-        live, durable, protected = self.coverage()
-        mine = {
-            "rank": self.rank, "pid": os.getpid(), "code": self.settings.code,
-            "parity_shards": self.geometry.parity_shards,
-            "step": self.step, "durable_watermark": self.segment.watermark,
-            "lag_steps": counters.lag_steps, "lag_seconds": counters.lag_seconds,
-            "live_slots": len(live), "protected_slots": len(protected),
-            "parity_bytes_in_use": len(durable) * self.geometry.record_bytes,
-            "host_bytes": self.segment.size_bytes, "record_bytes": self.geometry.record_bytes,
-            "bytes_drained": counters.bytes_drained, "stalls": counters.stalls, "drops": counters.drops,
-            "capture_queue_bytes": self.queue_bytes, "capture_queue_stalls": self._queue.stalls,
-            "capture_queue_stall_seconds": self._queue.stall_seconds,
-            "checksum_failures": counters.checksum_failures, "errors": sum(self.errors.values()),
-            "pageable_copies": counters.pageable_copies,
-            "lost_ranks": sorted(self.lost), "recoveries": len(self.recoveries),
-            "last_recovery": self.recoveries[-1] if self.recoveries else None,
-            "restarts": rejoin.MEMBERS.restarts.get(self.rank, 0),
-            "steps_lost_with_peer": self.steps_lost_with_peer,
-            "capture_seconds": self.seconds["capture"], "worker_seconds": self.seconds["worker"],
-            "worker_cpu_seconds": self.seconds["worker_cpu"],
-            "drain_write_seconds": counters.write_seconds,
-            "checkpoint_latency_seconds": _quantiles(self.drain.latencies()),
-        }
-        return {"instance_id": self.instance_id, "ranks": self.gather_objects(mine)}
-
-    def _scrub(self, wait: bool = True) -> dict:
-        """Recompute parity from the live KV of every rank and compare it with the host store."""
-        started = time.monotonic()
-        if wait:
-            self.drain.flush()
-        live = self.live_slots()
-        status = torch.zeros(len(live), dtype=torch.int64)  # 0 match, 1 not durable, 2 mismatch
-        corrupt = 0
-        for part, state in zip(live.split(self.chunk_slots), status.split(self.chunk_slots)):
-            expected = self.encode_slots(part).cpu()  # collective: the same parts everywhere
-            stored = self.segment.read(part)
-            state[~stored.usable] = 1
-            state[stored.usable & (stored.parity != expected).any(dim=1)] = 2
-            state[torch.isin(part, torch.tensor(stored.corrupt, dtype=torch.int64))] = 2
-            corrupt += len(stored.corrupt)
-        self.all_reduce(status, dist.ReduceOp.MAX)
-        protected = int((status == 0).sum())
-        kv_bytes = protected * self.kv.layers * self.kv.slot_layer_bytes * self.ranks
-        mine = {"bytes": protected * self.geometry.record_bytes, "corrupt": corrupt}
-        per_rank = self.gather_objects(mine)
-        parity_bytes = sum(r["bytes"] for r in per_rank)
-        result = {
-            "instance_id": self.instance_id, "step": self.step, "live_slots": len(live),
-            "matching": protected, "mismatching": int((status == 2).sum()),
-            "not_durable": int((status == 1).sum()), "corrupt": sum(r["corrupt"] for r in per_rank),
-            "kv_bytes": kv_bytes, "parity_bytes": parity_bytes,
-            "parity_to_kv": parity_bytes / kv_bytes if kv_bytes else None,
-            "seconds": time.monotonic() - started,
-        }
-        self.metrics.add("ghostserve_scrub_mismatches_total", result["mismatching"])
-        log.info("scrub", rank=self.rank, step=self.step, **{k: v for k, v in result.items()
-                                                             if k not in ("instance_id", "step")})
-        return result

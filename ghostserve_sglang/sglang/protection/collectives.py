@@ -15,6 +15,12 @@ import torch.distributed as dist
 TIMEOUT = datetime.timedelta(minutes=5)
 
 
+def peer_lost(exc: BaseException) -> bool:
+    """Whether an error looks like a collective failing because a peer is gone."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or "gloo" in text or "Connection closed" in text
+
+
 class TPCollectives:
     def __init__(self, tp_group, device: torch.device, exchanges: bool) -> None:
         self.ranks = tp_group.world_size

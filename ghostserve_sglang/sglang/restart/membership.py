@@ -20,7 +20,7 @@ import json
 import os
 import time
 
-from ..store.segment import SHM_DIR
+from ...store.segment import SHM_DIR
 
 POLL_SECONDS = 0.05
 REPLACEMENT_ENV = "GHOSTSERVE_REPLACEMENT_GENERATION"  # set in a replacement rank's environment

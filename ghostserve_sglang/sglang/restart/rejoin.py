@@ -20,7 +20,9 @@ import structlog
 import torch
 import torch.distributed as dist
 
-from . import drills, handover, membership, snapshot
+from ...drills import process as drills
+from ..protection.collectives import peer_lost
+from . import handover, membership, snapshot
 from .regroup import Transcript
 
 log = structlog.get_logger("ghostserve.rejoin")
@@ -49,12 +51,6 @@ ABANDONED = object()  # run_batch's result for a batch rolled back by a replacem
 # supervisor's announcement), the replacement's start (announcement to SGLang's scheduler init) and its
 # join (weights loaded, groups re-formed), then the state transfer.
 PHASES = ("detect_seconds", "spawn_seconds", "join_seconds", "state_transfer_seconds")
-
-
-def peer_lost(exc: BaseException) -> bool:
-    """Whether an error looks like a collective failing because a peer is gone."""
-    text = str(exc)
-    return isinstance(exc, dist.DistError) or "gloo" in text or "Connection closed" in text
 
 
 def enabled() -> bool:
@@ -214,53 +210,3 @@ def _broadcast(data: bytes | None, source: int, tp) -> bytes:
     box = [data]
     dist.broadcast_object_list(box, src=tp.ranks[source], group=tp.cpu_group)
     return box[0]
-
-
-# -- wrappers (patches.TARGETS) ---------------------------------------------------------------------
-def _holding_protector(exc: BaseException):
-    """This rank's Protector if ``exc`` is a peer's death the launcher replaces; else None."""
-    from .hooks import STATE
-
-    protector = STATE.protector
-    return protector if enabled() and protector is not None and peer_lost(exc) else None
-
-
-def broadcast_reqs(wrapped, instance, args, kwargs):
-    """``SchedulerRequestReceiver._broadcast_reqs_across_ranks``: on a peer's death, hold, then send
-    the same requests again to the re-formed group."""
-    while True:
-        try:
-            result = wrapped(*args, **kwargs)
-            MEMBERS.broadcasts += 1
-            return result
-        except Exception as exc:
-            protector = _holding_protector(exc)
-            if protector is None:
-                raise
-            if hold(protector.scheduler, protector, exc, "ingest"):
-                # A survivor got these requests (they are in the state now): join the next broadcast.
-                pulled = args[0] if args else kwargs.get("recv_reqs")
-                args, kwargs = ([] if pulled is not None else None,), {}
-
-
-def run_batch(wrapped, instance, args, kwargs):
-    """``Scheduler.run_batch``: on a peer's death during the batch, hold, then roll the batch back."""
-    counters = (instance.forward_ct, instance.processed_tokens_counter)
-    try:
-        return wrapped(*args, **kwargs)
-    except Exception as exc:
-        protector = _holding_protector(exc)
-        if protector is None:
-            raise
-        instance.forward_ct, instance.processed_tokens_counter = counters
-        hold(instance, protector, exc, "run_batch", args[0] if args else kwargs["batch"])
-        return ABANDONED
-
-
-def process_batch_result(wrapped, instance, args, kwargs):
-    """``Scheduler.process_batch_result``: nothing to process for a rolled-back batch."""
-    result = args[1] if len(args) > 1 else kwargs.get("result")
-    if result is ABANDONED:
-        return None
-    return wrapped(*args, **kwargs)
-

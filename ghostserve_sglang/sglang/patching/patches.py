@@ -19,7 +19,8 @@ from collections.abc import Callable
 import structlog
 import wrapt
 
-from . import cpu_compat, hooks, journal, rejoin, supervisor
+from ..restart import journal, supervisor
+from . import cpu_compat, hooks, restart_hooks
 
 log = structlog.get_logger("ghostserve.patches")
 
@@ -66,9 +67,10 @@ TARGETS = (
     Target("sglang.srt.mem_cache.memory_pool", "MHATokenToKVPool.move_kv_cache", hooks.pool_move_kv_cache),
     # Replacing a dead rank (docs/rank-restart.md): where survivors notice the death and hold.
     Target("sglang.srt.managers.scheduler_components.request_receiver",
-           "SchedulerRequestReceiver._broadcast_reqs_across_ranks", rejoin.broadcast_reqs),
-    Target("sglang.srt.managers.scheduler", "Scheduler.run_batch", rejoin.run_batch),
-    Target("sglang.srt.managers.scheduler", "Scheduler.process_batch_result", rejoin.process_batch_result),
+           "SchedulerRequestReceiver._broadcast_reqs_across_ranks", restart_hooks.broadcast_reqs),
+    Target("sglang.srt.managers.scheduler", "Scheduler.run_batch", restart_hooks.run_batch),
+    Target("sglang.srt.managers.scheduler", "Scheduler.process_batch_result",
+           restart_hooks.process_batch_result),
     Target("sglang.srt.managers.scheduler_components.output_streamer",
            "SchedulerOutputStreamer.stream_output", hooks.stream_output),
 )

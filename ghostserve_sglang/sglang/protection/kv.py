@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..store.geometry import DTYPES
+from ...store.geometry import DTYPES
 
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 

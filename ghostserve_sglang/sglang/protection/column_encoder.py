@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..codec import new_code
-from ..codec.backends.triton_gf import gf_mul_add
-from ..codec.gf256 import POLYNOMIAL
+from ...codec import new_code
+from ...codec.backends.triton_gf import gf_mul_add
+from ...codec.gf256 import POLYNOMIAL
 
 
 @triton.jit

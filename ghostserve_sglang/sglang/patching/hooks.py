@@ -1,6 +1,6 @@
 """The wrappers the patch table installs. Each is thin: call SGLang's method unchanged, then tell this
 process's Protector what happened. Positional arguments are read only where the declared signature
-(patches/sglang.json) fixes them.
+(``releases.json``) fixes them.
 
 A failure inside GhostServe's part of a wrapper is counted and logged once and never reaches SGLang,
 unless strict mode is on; a failure of SGLang's own method always propagates untouched.
@@ -8,42 +8,18 @@ unless strict mode is on; a failure of SGLang's own method always propagates unt
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
-import structlog
 import torch
 
-from .. import refusal
-from ..control import ControlRequest
-from ..settings import Settings
-from ..store import StoreError
-from . import compatibility, drills, handover
-from .kv import UnsupportedPool, check_pool
-
-log = structlog.get_logger("ghostserve.hooks")
-
-
-@dataclasses.dataclass
-class State:
-    settings: Settings | None = None
-    protector: object | None = None  # Protector, created at scheduler init
-    errors: dict = dataclasses.field(default_factory=dict)
-
-
-STATE = State()
-
-
-def _guarded(where: str, fn, *args) -> None:
-    try:
-        fn(*args)
-    except Exception as exc:
-        if STATE.settings is None or STATE.settings.strict:
-            raise
-        STATE.errors[where] = STATE.errors.get(where, 0) + 1
-        if STATE.errors[where] == 1:
-            log.error("ghostserve hook failed; SGLang continues, protection may be incomplete",
-                      where=where, error=repr(exc), exc_info=exc)
+from ...control import ControlRequest
+from ...drills import process as drills
+from ...store import StoreError
+from .. import operations
+from ..protection.kv import UnsupportedPool, check_pool
+from ..restart import handover
+from . import compatibility, refusal
+from .state import STATE, guarded, log
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str):
@@ -60,8 +36,8 @@ def scheduler_init(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     from sglang.srt.runtime_context import get_parallel
 
-    from . import rejoin
-    from .protector import Protector
+    from ..protection.protector import Protector
+    from ..restart import rejoin
 
     server_args = _arg(args, kwargs, 0, "server_args")
     instance_id = STATE.settings.instance_id or str(server_args.port)
@@ -80,7 +56,8 @@ def scheduler_init(wrapped, instance, args, kwargs):
         try:
             check_pool(instance.tp_worker.model_runner.token_to_kv_pool)
             STATE.protector = Protector(STATE.settings, instance.tp_worker.model_runner, instance_id,
-                                        get_parallel().tp_group, replacement=generation is not None)
+                                        get_parallel().tp_group, replacement=generation is not None,
+                                        supervised=rejoin.enabled(), hook_errors=STATE.errors)
         except (UnsupportedPool, StoreError) as exc:
             refusal.refuse(instance_id, str(exc), get_parallel().tp_group.rank_in_group)
     STATE.protector.scheduler = instance
@@ -111,7 +88,7 @@ def stream_output(wrapped, instance, args, kwargs):
         drills.before_output(protector.rank, _arg(args, kwargs, 0, "reqs"))
     result = wrapped(*args, **kwargs)
     if STATE.protector is not None:
-        _guarded("stream_output", handover.remember_finished, _arg(args, kwargs, 0, "reqs"))
+        guarded("stream_output", handover.remember_finished, _arg(args, kwargs, 0, "reqs"))
     return result
 
 
@@ -130,7 +107,7 @@ def process_input_requests(wrapped, instance, args, kwargs):
     protector = STATE.protector
     for request in controls:
         try:
-            reply = protector.handle_control(request, instance)
+            reply = operations.handle(protector, request, instance)
         except Exception as exc:
             log.error("control request failed", op=request.op, rank=protector.rank, step=protector.step,
                       error=repr(exc), exc_info=exc)
@@ -148,7 +125,7 @@ def model_forward(wrapped, instance, args, kwargs):
         drills.before_forward(protector.rank)
     output = wrapped(*args, **kwargs)
     if protector is not None and instance is protector.model_runner:
-        _guarded("capture", protector.after_forward, _arg(args, kwargs, 0, "forward_batch"))
+        guarded("capture", protector.after_forward, _arg(args, kwargs, 0, "forward_batch"))
     return output
 
 
@@ -162,7 +139,7 @@ def token_free(wrapped, instance, args, kwargs):
     effective = instance.free_group is None
     result = wrapped(*args, **kwargs)
     if effective and _ours(instance):
-        _guarded("free", STATE.protector.on_free, _arg(args, kwargs, 0, "free_index"))
+        guarded("free", STATE.protector.on_free, _arg(args, kwargs, 0, "free_index"))
     return result
 
 
@@ -172,7 +149,7 @@ def release_page_ids(wrapped, instance, args, kwargs):
     if _ours(instance) and args:
         pages = torch.cat([p.to("cpu", torch.int64).flatten() for p in args])
         slots = (pages[:, None] * instance.page_size + torch.arange(instance.page_size)).flatten()
-        _guarded("free", STATE.protector.on_free, slots)
+        guarded("free", STATE.protector.on_free, slots)
     return result
 
 
@@ -180,7 +157,7 @@ def allocator_clear(wrapped, instance, args, kwargs):
     """A cleared allocator (flush_cache) frees every slot at once."""
     result = wrapped(*args, **kwargs)
     if _ours(instance):
-        _guarded("free", STATE.protector.on_free, torch.arange(STATE.protector.kv.slots))
+        guarded("free", STATE.protector.on_free, torch.arange(STATE.protector.kv.slots))
     return result
 
 
@@ -192,7 +169,7 @@ def _pool_write(where: str, index: int, name: str):
         result = wrapped(*args, **kwargs)
         protector = STATE.protector
         if protector is not None and instance is protector.kv.pool:
-            _guarded(where, protector.record_write, _arg(args, kwargs, index, name))
+            guarded(where, protector.record_write, _arg(args, kwargs, index, name))
         return result
 
     return wrapper

@@ -1,6 +1,5 @@
 """Drills that end a rank's process, for testing the replacement of a dead rank (only with
-``--ghost-enable-fault-injection``). The KV drills (inject-fault, corrupt-parity, drain) live with the
-protector, whose state they touch."""
+``--ghost-enable-fault-injection``): ``ghostserve kill-rank`` and the moments it can pick."""
 
 from __future__ import annotations
 
