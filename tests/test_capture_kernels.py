@@ -66,7 +66,7 @@ def test_fused_path_gives_the_unfused_parity_bytes(code, ranks, parity_shards, d
                                                    use_triton):
     # 5 KV heads of 24 over 2-4 ranks: a slot-layer's bytes do not split evenly into columns.
     views = [KVView(random_pool(160, 5, 24, 3, dtype, seed=r)) for r in range(ranks)]
-    slots = page_slots(page_size, [1, 4, 7], 5) if page_size > 1 else torch.tensor([0, 1, 77, 160, 40])
+    slots = page_slots(page_size, [1, 7], 5) if page_size > 1 else torch.tensor([0, 1, 77, 160, 40])
     want = unfused_records(views, slots, code, parity_shards)
     got = fused_records(views, slots, code, parity_shards, use_triton)
     assert all(torch.equal(g, w) for g, w in zip(got, want))

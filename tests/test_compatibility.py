@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import random
 import subprocess
 import sys
@@ -79,12 +80,17 @@ REFUSED = [
 ]
 
 
-def left_behind(group: int, port: int) -> list:
-    """Live processes of a process group, and the server's files in /dev/shm."""
-    time.sleep(0.5)
-    alive = [p.pid for p in psutil.process_iter(["status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
-             and _group(p.pid) == group]  # a zombie has ended; only init can reap it here
-    return alive + [name for name in ghostserve_files() if name.startswith(f"ghostserve-{port}")]
+def left_behind(group: int, port: int, timeout_s: float = 10) -> list:
+    """Live processes of a process group, and the server's files in /dev/shm, once they had
+    ``timeout_s`` to go (the group's last processes may still be exiting)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p.pid for p in psutil.process_iter(["status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
+                 and _group(p.pid) == group]  # a zombie has ended; only init can reap it here
+        found = alive + [name for name in ghostserve_files() if name.startswith(f"ghostserve-{port}")]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 def _group(pid: int) -> int | None:
@@ -105,17 +111,53 @@ def start(module: str, model: str, flags: list[str], env: dict[str, str]) -> tup
     return process, port
 
 
-@pytest.mark.parametrize("flags, named", REFUSED, ids=[f if isinstance(f, str) else f[0] for f, _ in REFUSED])
-def test_refused_at_start_in_one_line_leaving_nothing(flags, named, tmp_path):
+def launcher_argv(flags, tmp_path) -> tuple[list[str], int]:
+    """The launcher's arguments for a refused cell of the table (a model kind, or SGLang flags)."""
     model = model_folder(tmp_path, flags) if isinstance(flags, str) else str(models.path())
     flags = [] if isinstance(flags, str) else flags
-    launcher, port = start("ghostserve_sglang.launch", model, ["--tp-size", "2", *flags, "--ghost-code",
-                                                               "xor"], {})
-    _, err = launcher.communicate(timeout=120)
-    assert launcher.returncode == 2, err[-3000:]
+    port = free_port()
+    return ["--model-path", model, "--tokenizer-path", str(models.path()), "--device", "cpu", "--host",
+            "127.0.0.1", "--port", str(port), "--max-total-tokens", "4096", "--tp-size", "2", *flags,
+            "--ghost-code", "xor"], port
+
+
+def check_refusal_line(err: str, named: str) -> None:
     ours = [line for line in err.splitlines() if line.startswith("ghostserve")]
     assert ours == [err.strip().splitlines()[-1]] and "Traceback" not in err, err[-3000:]
     assert ours[0].startswith("ghostserve: error: ") and named in ours[0] and "--ghost-code off" in ours[0]
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> dict:
+    """Every refused cell through the launcher's own start-up, in one process of its own (SGLang is
+    imported once): its exit status, stderr, and what it left (tests/launch_refusals.py)."""
+    cells = {repr(flags): launcher_argv(flags, tmp_path_factory.mktemp("refused"))[0] for flags, _ in REFUSED}
+    done = subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("launch_refusals.py"))],
+                          input=json.dumps(list(cells.values())), capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("GHOSTSERVE_")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(zip(cells, json.loads(done.stdout.splitlines()[-1])))
+
+
+@pytest.mark.parametrize("flags, named", REFUSED, ids=[f if isinstance(f, str) else f[0] for f, _ in REFUSED])
+def test_refused_at_start_in_one_line_leaving_nothing(flags, named, refusals):
+    refused = refusals[repr(flags)]
+    assert refused["status"] == 2, refused["stderr"][-3000:]
+    check_refusal_line(refused["stderr"], named)
+    assert refused["children"] == [] and refused["new_files"] == []  # nothing was started
+
+
+def test_a_refused_launcher_exits_with_status_2_and_leaves_nothing_running(tmp_path):
+    """The same refusal from a launcher process of its own, as an operator meets it."""
+    flags, named = REFUSED[0]
+    argv, port = launcher_argv(flags, tmp_path)
+    launcher = subprocess.Popen([sys.executable, "-m", "ghostserve_sglang.launch", *argv],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True,
+                                env={k: v for k, v in os.environ.items() if not k.startswith("GHOSTSERVE_")})
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2, err[-3000:]
+    check_refusal_line(err, named)
     assert not left_behind(launcher.pid, port)
 
 

@@ -9,17 +9,16 @@ import random
 import pytest
 
 from ghostserve_sglang.testing.campaign import generate_mix, request_mix, run_trial
-from ghostserve_sglang.testing.local_server import launched
 
 PAIRS = 12
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    ghost = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-auto-recover", "0",
-             "--ghost-strict", "1"]
-    with launched(2, ghost, log_dir=str(tmp_path_factory.mktemp("sensitivity"))) as s:
-        yield s
+pytestmark = pytest.mark.shared_server("xor2")
+
+
+@pytest.fixture
+def server(shared_server):
+    return shared_server
 
 
 def test_fault_free_reruns_of_concurrent_requests_are_identical(server):
@@ -48,10 +47,11 @@ def test_continuations_depend_on_more_than_the_last_token(server):
 
 
 def test_lost_kv_changes_the_tokens_until_it_is_recovered(server):
-    """With --ghost-auto-recover=0 an injected fault leaves garbage in rank 0's KV: the requests running
-    at that moment go on with it and their tokens change. After ``recover`` the same requests, served
-    from the rebuilt prefix cache, give the fault-free tokens again."""
-    trial = run_trial(server, seed=4, ranks=2)
+    """An injected fault not recovered at once (``recover=False``, as with --ghost-auto-recover=0)
+    leaves garbage in rank 0's KV: the requests running at that moment go on with it and their tokens
+    change. After ``recover`` the same requests, served from the rebuilt prefix cache, give the
+    fault-free tokens again."""
+    trial = run_trial(server, seed=4, ranks=2, recover=False)
     assert trial.running_at_fault > 0 and trial.lost_requests == 0
     assert trial.recovery == {}  # nothing recovered: the server waits for the operator
     assert trial.wrong_tokens > 0, trial

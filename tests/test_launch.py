@@ -86,9 +86,8 @@ def test_a_parity_store_larger_than_dev_shm_is_refused_at_start_in_one_line():
     import os
     import subprocess
     import sys
-    import time
 
-    from ghostserve_sglang.testing.local_server import CPU_FLAGS, free_port
+    from ghostserve_sglang.testing.local_server import CPU_FLAGS, eventually, free_port
 
     stat = os.statvfs("/dev/shm")
     too_much = (stat.f_bavail * stat.f_frsize >> 20) + 1024  # MiB of staging ring alone
@@ -107,8 +106,12 @@ def test_a_parity_store_larger_than_dev_shm_is_refused_at_start_in_one_line():
     assert "/dev/shm" in last and "--ghost-staging-mib" in last
     assert "Traceback" not in result.stderr
     assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"ghostserve-{port}")]
-    time.sleep(1)
-    group = subprocess.run(["ps", "-eo", "pgid=,stat=,pid=,comm="], capture_output=True, text=True).stdout
-    alive = [line for line in group.splitlines()  # a zombie (Z) has ended; only init can reap it here
-             if line.split()[0] == str(launcher.pid) and not line.split()[1].startswith("Z")]
-    assert not alive, alive
+
+    def group_ended() -> bool:  # its last processes may still be exiting
+        group = subprocess.run(["ps", "-eo", "pgid=,stat=,pid=,comm="], capture_output=True, text=True).stdout
+        alive = [line for line in group.splitlines()  # a zombie (Z) has ended; only init can reap it here
+                 if line.split()[0] == str(launcher.pid) and not line.split()[1].startswith("Z")]
+        assert not alive, alive
+        return True
+
+    eventually(group_ended, timeout_s=10)

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ghostserve_sglang.testing.campaign import run_trial
-from ghostserve_sglang.testing.local_server import free_port, launched
+from ghostserve_sglang.testing.local_server import eventually, free_port, launched
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((ROOT / "dashboards" / "grafana").glob("*.json"))
@@ -65,8 +65,16 @@ def workload(server):
     trial = run_trial(server, seed=11, ranks=2)
     assert trial.ok and trial.recovery["outcome"] == "rebuilt"
     server.control("scrub")
-    time.sleep(3)  # idle: the metrics refresh every second
+    eventually(lambda: caught_up(scrape(server)))  # idle: the metrics refresh every second
     return trial
+
+
+def caught_up(samples: dict) -> bool:
+    for rank in ("0", "1"):
+        assert value(samples, "ghostserve_checkpoint_lag_steps", tp_rank=rank) == 0
+        assert value(samples, "ghostserve_parity_drained_bytes_total", tp_rank=rank) == value(
+            samples, "ghostserve_parity_produced_bytes_total", tp_rank=rank)
+    return True
 
 
 def scrape(server) -> dict[tuple[str, tuple], float]:
@@ -91,47 +99,57 @@ def query(prometheus: str, expr: str) -> dict:
 
 
 def test_every_dashboard_panel_query_returns_series(server, prometheus, workload):
-    time.sleep(3)  # a few scrapes after the workload
     assert DASHBOARDS
-    failures = []
-    for path in DASHBOARDS:
-        for panel in json.loads(path.read_text())["panels"]:
-            for target in panel["targets"]:
-                expr = target["expr"].replace("$__rate_interval", "2m")
-                reply = query(prometheus, expr)
-                if reply["status"] != "success" or not reply["data"]["result"]:
-                    failures.append(f"{path.name} / {panel['title']}: {expr} -> {reply}")
-    assert not failures, "\n".join(failures)
+
+    def every_panel_answers() -> bool:  # a rate needs a few scrapes after the workload
+        failures = []
+        for path in DASHBOARDS:
+            for panel in json.loads(path.read_text())["panels"]:
+                for target in panel["targets"]:
+                    expr = target["expr"].replace("$__rate_interval", "2m")
+                    reply = query(prometheus, expr)
+                    if reply["status"] != "success" or not reply["data"]["result"]:
+                        failures.append(f"{path.name} / {panel['title']}: {expr} -> {reply}")
+        assert not failures, "\n".join(failures)
+        return True
+
+    eventually(every_panel_answers, timeout_s=60, interval_s=1)
 
 
 def test_metric_values_match_the_store_and_the_events(server, workload):
     status = {r["rank"]: r for r in server.control("status")["ranks"]}
-    time.sleep(2.5)
-    before = scrape(server)
-    for rank in ("0", "1"):
-        assert value(before, "ghostserve_checkpoint_lag_steps", tp_rank=rank) == 0  # idle: caught up
-        assert value(before, "ghostserve_parity_drained_bytes_total", tp_rank=rank) == value(
-            before, "ghostserve_parity_produced_bytes_total", tp_rank=rank)
-        mine = status[int(rank)]
-        assert value(before, "ghostserve_host_store_used_bytes", tp_rank=rank) == mine["parity_bytes_in_use"]
-        assert value(before, "ghostserve_protected_tokens", tp_rank=rank) == mine["protected_slots"]
-        assert value(before, "ghostserve_host_store_capacity_bytes", tp_rank=rank) == mine["host_bytes"]
+
+    def matching_status() -> dict:  # the metrics refresh every second
+        samples = scrape(server)
+        caught_up(samples)  # idle
+        for rank in ("0", "1"):
+            mine, seen = status[int(rank)], lambda name: value(samples, name, tp_rank=rank)  # noqa: B023
+            assert seen("ghostserve_host_store_used_bytes") == mine["parity_bytes_in_use"]
+            assert seen("ghostserve_protected_tokens") == mine["protected_slots"]
+            assert seen("ghostserve_host_store_capacity_bytes") == mine["host_bytes"]
+        return samples
+
+    before = eventually(matching_status)
     lost = workload.lost_ranks[0]
     assert value(before, "ghostserve_faults_injected_total", tp_rank=str(lost)) >= 1
 
     server.generate(list(range(3, 200)), 4)  # something live to lose
     server.control("inject-fault", ranks=[1])
-    time.sleep(2.5)
-    after = scrape(server)
-    for rank in ("0", "1"):
-        rebuilt = "ghostserve_recoveries_total"
-        assert value(after, rebuilt, tp_rank=rank, outcome="rebuilt") == value(
-            before, rebuilt, tp_rank=rank, outcome="rebuilt") + 1
-        assert value(after, "ghostserve_recovery_duration_seconds_count", tp_rank=rank) == value(
-            before, "ghostserve_recovery_duration_seconds_count", tp_rank=rank) + 1
-        assert value(after, "ghostserve_checkpoint_lag_steps", tp_rank=rank) == 0
-    assert value(after, "ghostserve_faults_injected_total", tp_rank="1") == value(
-        before, "ghostserve_faults_injected_total", tp_rank="1") + 1
+
+    def counted_once() -> dict:
+        after = scrape(server)
+        for rank in ("0", "1"):
+            rebuilt = "ghostserve_recoveries_total"
+            assert value(after, rebuilt, tp_rank=rank, outcome="rebuilt") == value(
+                before, rebuilt, tp_rank=rank, outcome="rebuilt") + 1
+            assert value(after, "ghostserve_recovery_duration_seconds_count", tp_rank=rank) == value(
+                before, "ghostserve_recovery_duration_seconds_count", tp_rank=rank) + 1
+            assert value(after, "ghostserve_checkpoint_lag_steps", tp_rank=rank) == 0
+        assert value(after, "ghostserve_faults_injected_total", tp_rank="1") == value(
+            before, "ghostserve_faults_injected_total", tp_rank="1") + 1
+        return after
+
+    eventually(counted_once)
 
 
 def test_exposition_passes_promtool_for_ghostserve_metrics(server, workload):

@@ -1,7 +1,8 @@
 """A rank's scheduler process dies on a real TP=2 server (CPU) and its replacement cannot join: it fails
 at start-up (the ``--fail-replacement`` drill) or misses ``--ghost-rejoin-timeout-seconds``. The server
 then fails stop cleanly (docs/rank-restart.md): every pending request gets an error response naming the
-dead rank, every process exits, nothing is left in /dev/shm, and one log line says why."""
+dead rank, every process exits, nothing is left in /dev/shm, and one log line says why. With more
+deaths than parity covers (TP=3, xor), the lost KV is recomputed instead and no token changes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import urllib.error
 import pytest
 
 from ghostserve_sglang.control import ControlError
-from ghostserve_sglang.testing.campaign import request_mix
+from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial
 from ghostserve_sglang.testing.local_server import launched
 
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1"]
@@ -108,3 +109,16 @@ def test_a_killed_process_semaphore_is_removed_and_a_live_one_kept():
     os.kill(child.pid, signal.SIGKILL)
     child.join()
     assert remove_orphaned_semaphores(since) == [os.path.basename(path)] and not os.path.exists(path)
+
+
+def test_more_deaths_than_parity_covers_are_recomputed_never_wrong(tmp_path):
+    """xor covers one lost rank: a second death during the replacement leaves the lost KV to be
+    recomputed from the tokens, and the outputs are still those of a run without the fault."""
+    ghost = [*GHOST, "--ghost-rejoin-timeout-seconds", "240"]
+    with launched(3, ghost, ["--chunked-prefill-size", "128"], log_dir=str(tmp_path),
+                  model="tiny-llama-gqa") as server:
+        mix = request_mix(random.Random(34), requests=7) + [LONG_PROMPT]
+        trial = run_kill_trial(server, 34, ranks=[2], how="KILL", after_steps=10, mix=mix, second=(1, 3.0))
+    assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
+    assert trial.restart["lost_ranks"] == [1, 2] and trial.restart["outcome"] == "recomputed", trial.restart
+    assert trial.restart["slots_rebuilt"] == 0 and trial.restart["slots_recomputed"] > 0

@@ -15,17 +15,17 @@ import urllib.request
 import pytest
 
 from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial
-from ghostserve_sglang.testing.local_server import launched
 
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1",
          "--ghost-rejoin-timeout-seconds", "240"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with launched(2, GHOST, ["--chunked-prefill-size", "128"],
-                  log_dir=str(tmp_path_factory.mktemp("restart"))) as server:
-        yield server
+pytestmark = pytest.mark.shared_server("xor2")
+
+
+@pytest.fixture
+def server(shared_server):
+    return shared_server
 
 
 def status_json(server) -> dict:

@@ -1,8 +1,8 @@
 """Several rank processes die on a real TP=3 server (CPU, the KV-sensitive GQA model): with
 ``--ghost-code rs --ghost-parity-shards 2`` up to two at once, or one while another is being replaced,
 are replaced and their KV rebuilt from parity; every request finishes with the output ids of a run
-without the fault. With more deaths than parity covers the lost KV is recomputed; with no survivor left
-the server fails stop (docs/rank-restart.md, "Several ranks")."""
+without the fault. With no survivor left the server fails stop (docs/rank-restart.md, "Several
+ranks"); more deaths than parity covers: test_rank_death.py."""
 
 from __future__ import annotations
 
@@ -16,21 +16,13 @@ import urllib.error
 import pytest
 
 from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial
-from ghostserve_sglang.testing.local_server import launched
 
-FLAGS = ["--chunked-prefill-size", "128"]
-
-
-def ghost(code: str, shards: int) -> list[str]:
-    return ["--ghost-code", code, "--ghost-parity-shards", str(shards), "--ghost-enable-fault-injection", "1",
-            "--ghost-rejoin-timeout-seconds", "240"]
+pytestmark = pytest.mark.shared_server("rs3")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with launched(3, ghost("rs", 2), FLAGS, log_dir=str(tmp_path_factory.mktemp("rs")),
-                  model="tiny-llama-gqa") as server:
-        yield server
+@pytest.fixture
+def server(shared_server):
+    return shared_server
 
 
 @pytest.mark.parametrize("ranks, how, seed, after_steps, second", [
@@ -81,6 +73,7 @@ def test_a_survivor_that_never_reaches_the_rendezvous_is_ended_and_replaced_too(
             and "did not reach the rendezvous and was ended" in line]
 
 
+@pytest.mark.shared_server_last
 def test_with_no_survivor_the_server_fails_stop_with_an_error_for_every_request(server):
     pids = [r["pid"] for r in server.control("status")["ranks"]]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -101,12 +94,3 @@ def test_with_no_survivor_the_server_fails_stop_with_an_error_for_every_request(
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"ghostserve-{server.port}")]
 
 
-def test_more_deaths_than_parity_covers_are_recomputed_never_wrong(tmp_path):
-    """xor covers one lost rank: a second death during the replacement leaves the lost KV to be
-    recomputed from the tokens, and the outputs are still those of a run without the fault."""
-    with launched(3, ghost("xor", 1), FLAGS, log_dir=str(tmp_path), model="tiny-llama-gqa") as server:
-        mix = request_mix(random.Random(34), requests=7) + [LONG_PROMPT]
-        trial = run_kill_trial(server, 34, ranks=[2], how="KILL", after_steps=10, mix=mix, second=(1, 3.0))
-    assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
-    assert trial.restart["lost_ranks"] == [1, 2] and trial.restart["outcome"] == "recomputed", trial.restart
-    assert trial.restart["slots_rebuilt"] == 0 and trial.restart["slots_recomputed"] > 0

@@ -1,5 +1,6 @@
 """The commands the README shows run and say what the README says they say."""
 
+import dataclasses
 import json
 import os
 import re
@@ -9,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from ghostserve_sglang import control
+from ghostserve_sglang.control import ControlError
 from ghostserve_sglang.testing.local_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +33,19 @@ def test_readme_opens_with_the_two_commands():
     assert "make test" in ci
 
 
-def test_make_run_serves_a_protected_tp2_server_and_prints_how_to_use_it(tmp_path):
-    """The banner's text request, chat request, metrics and scrub commands all work as printed."""
+@dataclasses.dataclass
+class MakeRun:
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+    banner: str = ""
+
+
+@pytest.fixture(scope="module")
+def make_run(tmp_path_factory):
+    """The server ``make run`` starts, once its banner is out; stopped at the end if a test did not."""
     port = free_port()
-    log_path = tmp_path / "make-run.log"
+    log_path = tmp_path_factory.mktemp("make-run") / "make-run.log"
     with open(log_path, "w") as log:
         make = subprocess.Popen(["make", "run", f"RUN_PORT={port}"], cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -39,8 +53,28 @@ def test_make_run_serves_a_protected_tp2_server_and_prints_how_to_use_it(tmp_pat
         deadline = time.monotonic() + 600
         while "server ready at" not in log_path.read_text():
             assert make.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(1)
-        banner = log_path.read_text().split("server ready at", 1)[1]
+            time.sleep(0.2)
+        yield MakeRun(port, make, log_path, log_path.read_text().split("server ready at", 1)[1])
+    finally:
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGTERM)
+            make.wait(timeout=120)
+
+
+def test_drills_are_refused_unless_enabled(make_run):
+    """``make run`` starts without --ghost-enable-fault-injection: every drill is refused, in one line
+    naming the flag. (Runs before the next test, which stops this server.)"""
+    for op, args in (("inject-fault", {"ranks": [0]}), ("kill-rank", {"rank": 0}),
+                     ("corrupt-parity", {"rank": 0, "slots": 1}), ("drain", {"pause": True})):
+        with pytest.raises(ControlError, match="ghost-enable-fault-injection"):
+            control.call(str(make_run.port), op, args)
+
+
+def test_make_run_serves_a_protected_tp2_server_and_prints_how_to_use_it(make_run):
+    """The banner's text request, chat request, metrics and scrub commands all work as printed; a stop of
+    the whole process group leaves nothing behind."""
+    port, make, log_path, banner = make_run.port, make_run.process, make_run.log_path, make_run.banner
+    try:
 
         def command(label: str) -> str:
             return re.search(rf"{label}:\s+(.*)", banner).group(1)
@@ -60,8 +94,11 @@ def test_make_run_serves_a_protected_tp2_server_and_prints_how_to_use_it(tmp_pat
     finally:
         os.killpg(make.pid, signal.SIGTERM)  # as Ctrl-C in a terminal: every process of the group
         make.wait(timeout=120)
-    time.sleep(2)
-    assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"ghostserve-{port}")]
+    leftovers = lambda: [n for n in os.listdir("/dev/shm") if n.startswith(f"ghostserve-{port}")]  # noqa: E731
+    deadline = time.monotonic() + 10  # the group's last processes may still be removing their files
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not leftovers()
     assert "fail stop" not in log_path.read_text()  # stopping the whole server is not a fault
 
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 import pytest
 
 from ghostserve_sglang.testing.campaign import run_trial
-from ghostserve_sglang.testing.local_server import launched
+
+pytestmark = pytest.mark.shared_server("xor2")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    ghost = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1"]
-    log_dir = str(tmp_path_factory.mktemp("xor"))
-    with launched(2, ghost, ["--chunked-prefill-size", "128"], log_dir=log_dir) as s:
-        yield s
+@pytest.fixture
+def server(shared_server):
+    return shared_server
 
 
 def test_random_faults_mid_decode_lose_no_request_and_no_token(server):
@@ -54,15 +52,6 @@ def test_corrupted_parity_is_caught_and_those_slots_recomputed(server):
     assert trial.scrub["mismatching"] == 0
 
 
-def test_replicate_restores_a_lost_rank_from_its_host_copy(tmp_path):
-    ghost = ["--ghost-code", "replicate", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1"]
-    with launched(2, ghost, log_dir=str(tmp_path)) as replicate:
-        trial = run_trial(replicate, seed=5, ranks=2)
-    assert trial.ok and trial.running_at_fault > 0, trial
-    assert trial.recovery["outcome"] == "rebuilt" and trial.recovery["slots_rebuilt"] > 0
-    assert trial.scrub["mismatching"] == 0
-
-
 def test_cli_injects_and_recovers(server):
     import json
 
@@ -76,11 +65,3 @@ def test_cli_injects_and_recovers(server):
     assert bad.returncode == 2 and "ranks=[7] is not allowed" in bad.stderr
 
 
-def test_drills_are_refused_unless_enabled(tmp_path):
-    from ghostserve_sglang.control import ControlError
-
-    with launched(1, ["--ghost-code", "replicate"], log_dir=str(tmp_path)) as plain:
-        with pytest.raises(ControlError, match="ghost-enable-fault-injection"):
-            plain.control("inject-fault", ranks=[0])
-        with pytest.raises(ControlError, match="ghost-enable-fault-injection"):
-            plain.control("kill-rank", rank=0)

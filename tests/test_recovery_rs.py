@@ -8,15 +8,13 @@ import random
 import pytest
 
 from ghostserve_sglang.testing.campaign import generate_mix, request_mix, run_trial
-from ghostserve_sglang.testing.local_server import launched
+
+pytestmark = pytest.mark.shared_server("rs3")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    ghost = ["--ghost-code", "rs", "--ghost-parity-shards", "2", "--ghost-enable-fault-injection", "1",
-             "--ghost-strict", "1"]
-    with launched(3, ghost, log_dir=str(tmp_path_factory.mktemp("rs")), model="tiny-llama-gqa") as s:
-        yield s
+@pytest.fixture
+def server(shared_server):
+    return shared_server
 
 
 def test_fault_free_reruns_on_three_ranks_are_identical(server):

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
-import signal
-import time
 
 import pytest
-
-from ghostserve_sglang import control
-from ghostserve_sglang.testing.local_server import launched
 
 CHUNK = 128  # --chunked-prefill-size: the long prompts below are prefilled in several chunks
 PROMPTS = [[(7 * i + 3 * j) % 1000 + 3 for j in range(n)] for i, n in enumerate((5, 40, 17, 90))]
@@ -35,18 +30,12 @@ def run_concurrently(server, requests) -> list[dict]:
         return list(pool.map(lambda r: server.generate(*r), requests))
 
 
-@pytest.fixture(scope="module")
-def xor_server(tmp_path_factory):
-    with launched(2, ["--ghost-code", "xor", "--ghost-strict", "1"], ["--chunked-prefill-size", str(CHUNK)],
-                  log_dir=str(tmp_path_factory.mktemp("xor"))) as server:
-        yield server
+pytestmark = pytest.mark.shared_server("xor2")
 
 
-@pytest.fixture(scope="module")
-def unprotected_outputs(tmp_path_factory):
-    with launched(2, ["--ghost-code", "off"], ["--chunked-prefill-size", str(CHUNK)],
-                  log_dir=str(tmp_path_factory.mktemp("off"))) as server:
-        return [server.generate(p, 16)["output_ids"] for p in PROMPTS]
+@pytest.fixture
+def xor_server(shared_server):
+    return shared_server
 
 
 def test_every_live_slot_is_protected_after_concurrent_mixed_requests(xor_server):
@@ -85,11 +74,6 @@ def test_human_readable_cli_output(xor_server):
     assert scrub.returncode == 0 and " 0 mismatching" in scrub.stdout
 
 
-def test_same_output_ids_with_ghostserve_on_and_off(xor_server, unprotected_outputs):
-    protected = [xor_server.generate(p, 16)["output_ids"] for p in PROMPTS]
-    assert protected == unprotected_outputs
-
-
 def test_freed_slots_lose_their_parity(xor_server):
     xor_server.generate(PROMPTS[3], 8)
     xor_server.control("scrub")
@@ -100,44 +84,8 @@ def test_freed_slots_lose_their_parity(xor_server):
     assert all(r["live_slots"] == 0 and r["parity_bytes_in_use"] == 0 for r in after)
 
 
-def test_plain_sglang_launch_server_with_environment_replicates(tmp_path):
-    env = {"GHOSTSERVE_CODE": "replicate", "GHOSTSERVE_STRICT": "1"}
-    with launched(1, [], plain_sglang_env=env, log_dir=str(tmp_path)) as server:
-        run_concurrently(server, mixed_requests(2)[:5])
-        scrub = server.control("scrub")
-        assert scrub["mismatching"] == 0 and scrub["not_durable"] == 0
-        assert scrub["matching"] == scrub["live_slots"] > 0
-        assert scrub["parity_to_kv"] == 1.0  # a full copy
-
-
-def test_a_paused_drain_under_load_never_blocks_serving_control_or_a_stop(tmp_path):
-    # A 1 MiB staging ring fills within the first steps of this load while the drain is paused; with
-    # the default --ghost-on-full=block the steps must still go on (dropping protection, counted), and
-    # status, drain resume and SIGTERM must get through. A 1 MiB capture queue also makes the long
-    # prefills be captured in parts.
-    ghost = ["--ghost-code", "xor", "--ghost-staging-mib", "1", "--ghost-capture-queue-mib", "1",
-             "--ghost-enable-fault-injection", "1"]
-    with launched(2, ghost, log_dir=str(tmp_path)) as server:
-        call = lambda op, **args: control.call(str(server.port), op, args, timeout_s=30)  # noqa: E731
-        assert call("drain", pause=True)["paused"] is True
-        rng = random.Random(4)
-        load = [([rng.randrange(3, 1000) for _ in range(300)], 120) for _ in range(8)]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(server.generate, *request, 300) for request in load]
-            time.sleep(10)
-            status = call("status")["ranks"]
-            paused_scrub = call("scrub")  # waits for no paused drain
-            assert call("drain", pause=False)["paused"] is False
-            outputs = [future.result(timeout=300) for future in futures]
-        assert all(len(output["output_ids"]) == 120 for output in outputs)
-        assert all(rank["drops"] > 0 for rank in status)  # the ring filled and protection was dropped
-        assert paused_scrub["not_durable"] > 0  # what the paused drain held or dropped
-        assert "capture_part_slots=170" in server.log()  # 1 MiB / (4 x 1536 bytes a slot)
-        server.post("/flush_cache")
-        run_concurrently(server, load[:4])  # a running drain protects every write again
-        scrub = call("scrub")
-        assert (scrub["mismatching"], scrub["not_durable"]) == (0, 0) and scrub["matching"] > 0
-        started = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        server.process.wait(timeout=60)
-        assert time.monotonic() - started < 30
+@pytest.mark.shared_server_last
+def test_same_output_ids_with_ghostserve_on_and_off(xor_server, shared_servers):
+    protected = [xor_server.generate(p, 16)["output_ids"] for p in PROMPTS]
+    unprotected = shared_servers.get("off2")  # the same server with --ghost-code off
+    assert protected == [unprotected.generate(p, 16)["output_ids"] for p in PROMPTS]

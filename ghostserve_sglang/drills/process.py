@@ -7,8 +7,6 @@ import os
 import signal
 import threading
 
-from ..store.segment import SHM_DIR
-
 SIGNALS = ("KILL", "TERM", "SEGV")
 # ERROR: the rank's next forward raises, and SGLang ends the process; STOP (with --at hold only): the
 # process stops and never reaches the rendezvous, as one blocked in a collective would.
@@ -105,4 +103,6 @@ def check_replacement(instance_id: str, rank: int) -> None:
 
 
 def _fail_marker(instance_id: str, rank: int) -> str:
+    from ..store.segment import SHM_DIR  # here: the ``ghostserve`` command reads HOWS without torch
+
     return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-drill-fail-replacement-rank{rank}")

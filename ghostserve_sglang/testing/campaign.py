@@ -139,9 +139,11 @@ def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", aft
                      server.control("scrub"), errors)
 
 
-def run_trial(server: Server, seed: int, ranks: int, lose: int = 1, drills=()) -> Trial:
+def run_trial(server: Server, seed: int, ranks: int, lose: int = 1, drills=(),
+              recover: bool | None = None) -> Trial:
     """One trial. ``drills`` are ``(steps, fn)``: ``fn(server)`` runs once the fault run has taken
-    ``steps`` steps, before the fault (e.g. pausing the drain, corrupting parity)."""
+    ``steps`` steps, before the fault (e.g. pausing the drain, corrupting parity). ``recover``: whether
+    the fault is recovered at once (None: as the server's --ghost-auto-recover says)."""
     rng = random.Random(seed)
     mix = request_mix(rng)
     lost = sorted(rng.sample(range(ranks), lose))
@@ -159,7 +161,8 @@ def run_trial(server: Server, seed: int, ranks: int, lose: int = 1, drills=()) -
             if drill is not None:
                 drill(server)
         running = sum(not f.done() for f in futures)
-        reply = server.control("inject-fault", ranks=lost)
+        reply = server.control("inject-fault", ranks=lost,
+                               **({} if recover is None else {"recover": recover}))
         outputs = []
         for future in futures:
             try:

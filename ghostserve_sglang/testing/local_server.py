@@ -22,6 +22,22 @@ CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disabl
              "--dtype", "float32", *COMMON_FLAGS]
 
 
+def eventually(check, timeout_s: float = 30, interval_s: float = 0.1):
+    """``check()``'s result once it returns without an AssertionError (and not None); the last
+    AssertionError if it never does within ``timeout_s``. For conditions that come true a little later
+    (a metric refreshed every second, a process group that is still exiting)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = check()
+            assert result is not None, f"{check} gave None"
+            return result
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(interval_s)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -111,7 +127,7 @@ def launched(tp_size: int, ghost_args: list[str], extra: list[str] = (), log_dir
                         break
             except OSError:
                 pass
-            time.sleep(1)
+            time.sleep(0.2)
         yield server
     finally:
         process.send_signal(signal.SIGTERM)
