@@ -24,7 +24,7 @@ from .control import socket_path
 from .settings import SettingsError
 from .sglang.patching import compatibility, cpu_compat, refusal
 from .sglang.patching.patches import MAIN_PATCHER, PatchError, check_supported, load_spec
-from .sglang.restart import membership
+from .sglang.restart import liveness, membership
 from .sglang.restart.supervisor import SUPERVISOR
 from .store import remove_orphans
 
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(chosen.log_format)
     load_plugins()
     if chosen.enabled:
-        SUPERVISOR.configure(lambda: _clean_up(instance_id), instance_id, chosen.rejoin_timeout_seconds)
+        SUPERVISOR.configure(lambda: _clean_up(instance_id), instance_id, chosen.rejoin_timeout_seconds,
+                             chosen.hang_timeout_seconds)
         try:
             MAIN_PATCHER.install(allow_unsupported=chosen.allow_unsupported_sglang)
         except PatchError as exc:
@@ -176,6 +177,7 @@ def _clean_up(instance_id: str) -> None:
     for path in remove_orphans(instance_id):
         print(f"ghostserve: removed {path}", file=sys.stderr)
     membership.remove(instance_id)
+    liveness.remove(instance_id)
     refusal.take(instance_id)
     stale_socket = socket_path(instance_id)
     if os.path.exists(stale_socket):

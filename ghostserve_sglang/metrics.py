@@ -52,6 +52,8 @@ class Metrics:
             ("ghostserve_scrub_mismatches_total", "Slots whose host parity differed from the KV in scrubs."),
             ("ghostserve_errors_total", "Errors inside GhostServe (counted, logged once; SGLang continued)."),
             ("ghostserve_rank_restarts_total", "Times this TP rank's process died and was replaced."),
+            ("ghostserve_rank_stalls_total", "Times this TP rank hung (its progress stamp stood still while "
+             "a peer waited for it) and was ended and replaced."),
         ):
             c[name] = _series(Counter, name, doc).labels(**labels)
         self.counters = c
@@ -79,7 +81,8 @@ class Metrics:
             "recompute.", buckets=LATENCY_BUCKETS).labels(**labels)
         self.restart_phase_seconds = _series(
             Histogram, "ghostserve_rank_restart_phase_seconds", "Wall time of each phase of a rank "
-            "replacement (hold, join, state_transfer, flush, read, exchange, decode, scatter, recompute).",
+            "replacement (hang_detect, hold, join, state_transfer, flush, read, exchange, decode, scatter, "
+            "recompute).",
             (*LABELS, "phase"), buckets=LATENCY_BUCKETS)
         self._labels = labels
         self._mirrored: dict[str, float] = {}

@@ -85,6 +85,9 @@ OPTIONS = (
            "this would be rebuilt (re-prefill is cheaper for short contexts)", unit="tokens"),
     Option("rejoin_timeout_seconds", float, 600.0, "how long a dead TP rank's replacement may take to "
            "start, load the weights and join the survivors before the server fails stop", unit="s"),
+    Option("hang_timeout_seconds", float, 10.0, "how long a TP rank may stay in one phase while another "
+           "waits for it in a collective before it counts as hung and is ended and replaced; 0: never",
+           unit="s"),
     Option("log_format", str, "console", "GhostServe's log lines: console for people, json for machines",
            LOG_FORMATS),
 )
@@ -111,6 +114,7 @@ class Settings:
     auto_recover: bool
     recompute_below_tokens: int
     rejoin_timeout_seconds: float
+    hang_timeout_seconds: float
     log_format: str
 
     def __post_init__(self) -> None:
@@ -132,6 +136,9 @@ class Settings:
         if not self.rejoin_timeout_seconds > 0:
             raise SettingsError(f"--ghost-rejoin-timeout-seconds={self.rejoin_timeout_seconds} is not "
                                 "allowed; it must be > 0")
+        if not self.hang_timeout_seconds >= 0:
+            raise SettingsError(f"--ghost-hang-timeout-seconds={self.hang_timeout_seconds} is not "
+                                "allowed; it must be >= 0 (0: hangs are not looked for)")
         if not self.stall_timeout_seconds >= 0:
             raise SettingsError(f"--ghost-stall-timeout-seconds={self.stall_timeout_seconds} is not "
                                 "allowed; it must be >= 0")

@@ -11,7 +11,7 @@ from ..control import ControlRequest
 from ..drills import kv as kv_drills
 from ..drills import process as process_drills
 from .protection import reporting, scrub
-from .restart import rejoin
+from .restart import liveness, rejoin
 
 DRILLS = ("inject-fault", "corrupt-parity", "drain", "kill-rank")  # need --ghost-enable-fault-injection
 
@@ -20,7 +20,8 @@ def handle(protector, request: ControlRequest, scheduler) -> dict:
     """Carry out ``request`` on this rank; the reply of rank 0 goes to the client."""
     p, args = protector, request.args
     if request.op == "status":
-        return p.call(lambda: reporting.status(p, rejoin.MEMBERS.restarts.get(p.rank, 0)))
+        stamp = liveness.own()  # read now, on the scheduler thread, as the loop stamped it
+        return p.call(lambda: reporting.status(p, rejoin.MEMBERS.restarts.get(p.rank, 0), stamp))
     if request.op == "scrub":
         return p.call(lambda: scrub.scrub(p, wait=bool(args.get("wait", True))))
     if request.op in DRILLS and not p.settings.enable_fault_injection:

@@ -28,6 +28,8 @@ import types
 
 import torch
 
+from ..restart import liveness
+
 MISSING_NCCL = "/nonexistent/ghostserve-cpu-has-no-nccl/libnccl.so.2"
 
 
@@ -56,17 +58,19 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
 def ordered_all_reduce(wrapped, instance, args, kwargs):
     """``GroupCoordinator.all_reduce`` on CPU with more than two ranks: gather every rank's part and add
     them in rank order, in place, as SGLang's CPU path does; the sum then depends on the element alone,
-    not on the batch around it."""
+    not on the batch around it. With any number of ranks the rank is stamped as waiting in a
+    collective meanwhile (``liveness``)."""
     part = args[0] if args else kwargs["input_"]
-    if instance.world_size <= 2 or not part.is_cpu:
-        return wrapped(*args, **kwargs)
-    parts = [torch.empty_like(part) for _ in range(instance.world_size)]
-    torch.distributed.all_gather(parts, part.contiguous(), group=instance.device_group)
-    total = parts[0]
-    for other in parts[1:]:
-        total += other
-    part.copy_(total)
-    return part
+    with liveness.collective():  # the rank waits for its peers here (a hung peer's victims do)
+        if instance.world_size <= 2 or not part.is_cpu:
+            return wrapped(*args, **kwargs)
+        parts = [torch.empty_like(part) for _ in range(instance.world_size)]
+        torch.distributed.all_gather(parts, part.contiguous(), group=instance.device_group)
+        total = parts[0]
+        for other in parts[1:]:
+            total += other
+        part.copy_(total)
+        return part
 
 
 LINEAR_MIN_ROWS = 16  # from this many rows on, each row's result does not depend on the row count

@@ -37,7 +37,7 @@ def scheduler_init(wrapped, instance, args, kwargs):
     from sglang.srt.runtime_context import get_parallel
 
     from ..protection.protector import Protector
-    from ..restart import rejoin
+    from ..restart import liveness, rejoin
 
     server_args = _arg(args, kwargs, 0, "server_args")
     instance_id = STATE.settings.instance_id or str(server_args.port)
@@ -61,10 +61,16 @@ def scheduler_init(wrapped, instance, args, kwargs):
         except (UnsupportedPool, StoreError) as exc:
             refusal.refuse(instance_id, str(exc), get_parallel().tp_group.rank_in_group)
     STATE.protector.scheduler = instance
+    if rejoin.enabled():
+        liveness.WRITER = liveness.Stamps(instance_id, STATE.protector.rank)
     if generation is not None:
-        noticed = rejoin.membership.read(instance_id)["noticed_at"]
-        rejoin.join(instance, STATE.protector, generation,
-                    {"spawn_seconds": started - noticed, "join_seconds": time.time() - started})
+        announced = rejoin.membership.read(instance_id)
+        phases = {"spawn_seconds": started - announced["noticed_at"], "join_seconds": time.time() - started}
+        hang = announced.get("hung", {}).get(str(STATE.protector.rank))
+        if hang is not None:  # this rank's predecessor hung and was ended
+            phases["hang_detect_seconds"] = hang
+            STATE.protector.metrics.add("ghostserve_rank_stalls_total")
+        rejoin.join(instance, STATE.protector, generation, phases)
 
 
 def pull_raw_reqs(wrapped, instance, args, kwargs):

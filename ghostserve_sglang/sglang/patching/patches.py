@@ -19,8 +19,8 @@ from collections.abc import Callable
 import structlog
 import wrapt
 
-from ..restart import journal, supervisor
-from . import cpu_compat, hooks, restart_hooks
+from ..restart import journal
+from . import cpu_compat, hooks, main_hooks, restart_hooks
 
 log = structlog.get_logger("ghostserve.patches")
 
@@ -89,13 +89,13 @@ CPU_TARGETS = (
 # (docs/rank-restart.md).
 MAIN_TARGETS = (
     Target("sglang.srt.entrypoints.engine", "Engine._launch_scheduler_processes",
-           supervisor.launch_scheduler_processes),
-    Target("sglang.srt.entrypoints.engine", "_wait_for_scheduler_ready", supervisor.wait_for_scheduler_ready),
-    Target("sglang.srt.managers.tokenizer_manager", "SignalHandler.__init__", supervisor.signal_handler_init),
+           main_hooks.launch_scheduler_processes),
+    Target("sglang.srt.entrypoints.engine", "_wait_for_scheduler_ready", main_hooks.wait_for_scheduler_ready),
+    Target("sglang.srt.managers.tokenizer_manager", "SignalHandler.__init__", main_hooks.signal_handler_init),
     Target("sglang.srt.managers.tokenizer_manager", "SignalHandler.running_phase_sigquit_handler",
-           supervisor.running_phase_sigquit),
+           main_hooks.running_phase_sigquit),
     Target("sglang.srt.utils.watchdog", "SubprocessWatchdog._check_processes",
-           supervisor.watchdog_check_processes),
+           main_hooks.watchdog_check_processes),
     Target("sglang.srt.managers.tokenizer_manager", "TokenizerManager._dispatch_to_scheduler",
            journal.dispatch_to_scheduler),
     Target("sglang.srt.managers.tokenizer_manager", "TokenizerManager._async_dispatch_to_scheduler",

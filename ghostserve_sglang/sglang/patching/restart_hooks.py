@@ -1,11 +1,13 @@
 """The wrappers where a survivor notices a peer's death, as a failed collective, and holds for its
-replacement (``restart.rejoin``; docs/rank-restart.md). Without the launcher's supervision, or for any
-other error, SGLang's own behaviour is unchanged."""
+replacement (``restart.rejoin``; docs/rank-restart.md), and where each rank stamps the phase of SGLang's
+loop it enters (``restart.liveness``: receiving the request broadcast, scheduling, forward, output,
+holding). Without the launcher's supervision, or for any other error, SGLang's own behaviour is
+unchanged."""
 
 from __future__ import annotations
 
 from ..protection.collectives import peer_lost
-from ..restart import rejoin
+from ..restart import liveness, rejoin
 from .state import STATE
 
 
@@ -19,14 +21,18 @@ def broadcast_reqs(wrapped, instance, args, kwargs):
     """``SchedulerRequestReceiver._broadcast_reqs_across_ranks``: on a peer's death, hold, then send
     the same requests again to the re-formed group."""
     while True:
+        if liveness.WRITER is not None:
+            liveness.WRITER.next_iteration()
         try:
             result = wrapped(*args, **kwargs)
             rejoin.MEMBERS.broadcasts += 1
+            liveness.enter(liveness.SCHEDULING)
             return result
         except Exception as exc:
             protector = _holding_protector(exc)
             if protector is None:
                 raise
+            liveness.enter(liveness.HOLDING)
             if rejoin.hold(protector.scheduler, protector, exc, "ingest"):
                 # A survivor got these requests (they are in the state now): join the next broadcast.
                 pulled = args[0] if args else kwargs.get("recv_reqs")
@@ -36,12 +42,16 @@ def broadcast_reqs(wrapped, instance, args, kwargs):
 def run_batch(wrapped, instance, args, kwargs):
     """``Scheduler.run_batch``: on a peer's death during the batch, hold, then roll the batch back."""
     counters = (instance.forward_ct, instance.processed_tokens_counter)
+    liveness.enter(liveness.FORWARD)
     try:
-        return wrapped(*args, **kwargs)
+        result = wrapped(*args, **kwargs)
+        liveness.enter(liveness.OUTPUT)
+        return result
     except Exception as exc:
         protector = _holding_protector(exc)
         if protector is None:
             raise
+        liveness.enter(liveness.HOLDING)
         instance.forward_ct, instance.processed_tokens_counter = counters
         rejoin.hold(instance, protector, exc, "run_batch", args[0] if args else kwargs["batch"])
         return rejoin.ABANDONED

@@ -19,9 +19,9 @@ def quantiles(values: list[float]) -> dict:
     return {"p50": pick(0.5), "p99": pick(0.99), "mean": sum(ordered) / len(ordered), "count": len(ordered)}
 
 
-def status(protector, restarts: int) -> dict:
+def status(protector, restarts: int, extra: dict | None = None) -> dict:
     """Every rank's status, gathered (worker thread, collective); ``restarts``: how many times this
-    rank was replaced."""
+    rank was replaced; ``extra``: more of this rank's fields."""
     p = protector
     counters = p.drain.counters()
     live, durable, protected = p.coverage()
@@ -46,6 +46,7 @@ def status(protector, restarts: int) -> dict:
         "worker_cpu_seconds": p.seconds["worker_cpu"],
         "drain_write_seconds": counters.write_seconds,
         "checkpoint_latency_seconds": quantiles(p.drain.latencies()),
+        **(extra or {}),
     }
     return {"instance_id": p.instance_id, "ranks": p.gather_objects(mine)}
 

@@ -36,14 +36,17 @@ def _mark(instance_id: str, generation: int | str, rank: int | str) -> str:
     return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-arrived-g{generation}-rank{rank}")
 
 
-def announce(instance_id: str, generation: int, port: int, replaced: list[int]) -> None:
+def announce(instance_id: str, generation: int, port: int, replaced: list[int],
+             hung: dict[int, float] | None = None) -> None:
+    """``hung``: the replaced ranks that were ended as hung, with the seconds their stamp had stood
+    still when that was found."""
     for mark in glob.glob(_mark(instance_id, "*", "*")):  # earlier generations' arrivals
         os.unlink(mark)
     target = path(instance_id)
     staging = f"{target}.{os.getpid()}.tmp"
     with open(staging, "w") as f:
         json.dump({"generation": generation, "port": port, "replaced": replaced,
-                   "noticed_at": time.time()}, f)
+                   "hung": {str(r): s for r, s in (hung or {}).items()}, "noticed_at": time.time()}, f)
     os.replace(staging, target)
 
 

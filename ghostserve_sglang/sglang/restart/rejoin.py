@@ -50,7 +50,7 @@ ABANDONED = object()  # run_batch's result for a batch rolled back by a replacem
 # A replacement's phases before the rebuild's own: the survivors' detection (failed collective to the
 # supervisor's announcement), the replacement's start (announcement to SGLang's scheduler init) and its
 # join (weights loaded, groups re-formed), then the state transfer.
-PHASES = ("detect_seconds", "spawn_seconds", "join_seconds", "state_transfer_seconds")
+PHASES = ("hang_detect_seconds", "detect_seconds", "spawn_seconds", "join_seconds", "state_transfer_seconds")
 
 
 def enabled() -> bool:

@@ -11,7 +11,10 @@ arguments. The survivors hold meanwhile; the replacement joins them, receives th
 KV rebuilt (``rejoin``), then reports ready through its pipe as at start-up. If another rank dies
 meanwhile, the replacement starts again with that rank included. A survivor that has not reached the
 rendezvous ``STRAGGLER_SECONDS`` after the announcement, while another survivor has, is stuck in a
-collective its peers have left: the supervisor ends it (SIGKILL) and it is replaced with the others. If
+collective its peers have left: the supervisor ends it (SIGKILL) and it is replaced with the others. A
+rank that hangs while serving (its progress stamp stays in one phase longer than
+``--ghost-hang-timeout-seconds`` while a peer waits for it in a collective; ``liveness``) is ended the
+same way and replaced as a dead one; ``/health`` answers 503 from then until the replacement joined. If
 no rank survives, a replacement dies, or the replacements have not joined by
 ``--ghost-rejoin-timeout-seconds``, the outcome is a clean fail stop: every request still pending gets an
 error response naming the cause, the process tree is stopped, and one log line says why. Deaths of other
@@ -33,7 +36,7 @@ import time
 
 import structlog
 
-from . import handover, journal, membership
+from . import handover, journal, liveness, membership
 
 log = structlog.get_logger("ghostserve.supervisor")
 
@@ -42,6 +45,7 @@ FAIL_STOP_GRACE_SECONDS = 1.0  # lets the error responses reach their clients
 REPORT_WAIT_SECONDS = 60.0
 STRAGGLER_SECONDS = 20.0  # a survivor reaches the rendezvous within a second or two of the announcement
 EVENT_LOOP_TIMEOUT_SECONDS = 30.0  # how long a scheduler that reported a failure (SIGQUIT) may take to exit
+FENCE_SECONDS = 10.0  # how long a hung rank ended with SIGKILL may take to exit (uninterruptible sleep)
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -62,6 +66,9 @@ class Supervisor:
         self.clean_up = lambda: None  # what the launcher removes when the server stops
         self.instance_id = ""
         self.rejoin_timeout_s = 0.0  # 0: no replacement, a death fails stop
+        self.hang_timeout_s = 0.0  # 0: hangs are not looked for
+        # pid -> (what it was doing, when it was ended, how long its stamp had stood still then)
+        self.hung: dict[int, tuple[str, float, float]] = {}
         self.generation = 0
         self.started_at = 0.0  # when the scheduler processes were adopted (wall clock)
         self.restarts: dict[int, int] = {}
@@ -74,10 +81,13 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._stop_lock = threading.Lock()
 
-    def configure(self, clean_up, instance_id: str = "", rejoin_timeout_s: float = 0.0) -> None:
+    def configure(self, clean_up, instance_id: str = "", rejoin_timeout_s: float = 0.0,
+                  hang_timeout_s: float = 0.0) -> None:
         """``clean_up`` removes what a stopped server leaves (host segments, control socket); with a
-        ``rejoin_timeout_s``, a dead rank is replaced (it must rejoin within that time)."""
+        ``rejoin_timeout_s``, a dead rank is replaced (it must rejoin within that time), and with a
+        ``hang_timeout_s`` a hung one too."""
         self.clean_up, self.instance_id, self.rejoin_timeout_s = clean_up, instance_id, rejoin_timeout_s
+        self.hang_timeout_s = hang_timeout_s
 
     # -- wiring, from the main-process wrappers -----------------------------------------------------
     def adopt(self, processes: list) -> None:
@@ -107,6 +117,43 @@ class Supervisor:
                     self.stopping.set()
                     return
                 self._on_death(self._dead())  # deaths within the shutdown check's wait count as one
+            elif self.serving and self.hang_timeout_s and self.rejoin_timeout_s:
+                self._check_hangs()
+
+    def _check_hangs(self) -> None:
+        """End the ranks ``liveness.judge`` finds hung (SIGKILL: a stopped or stuck process runs no
+        handler); the next poll finds them dead and replaces them. One that does not exit within
+        ``FENCE_SECONDS`` (uninterruptible sleep) ends in a fail stop."""
+        now = time.monotonic()
+        for pid, (_, ended_at, _) in self.hung.items():
+            alive = any(p.pid == pid and p.exitcode is None for p in self.processes)
+            if alive and now - ended_at > FENCE_SECONDS:
+                self.fail_stop(f"TP rank process pid {pid} hung and did not exit within {FENCE_SECONDS:g} s "
+                               "of SIGKILL (uninterruptible sleep?)")
+        stamps = liveness.read(self.instance_id, len(self.processes), now)
+        if stamps is None or any(s.pid != p.pid for s, p in zip(stamps, self.processes)):
+            return  # a rank has not stamped yet
+        stopped = {r for r, p in enumerate(self.processes) if liveness.stopped(p.pid)}
+        verdict = liveness.judge(stamps, self.hang_timeout_s, stopped)
+        for rank in verdict.hung:
+            process, stamp = self.processes[rank], stamps[rank]
+            if process.pid in self.hung or process.exitcode is not None:
+                continue
+            what = f"hung in {liveness.PHASES[stamp.phase]} for {stamp.age:.1f} s and was ended"
+            log.error("rank hung; ending it so that it is replaced", rank=rank, pid=process.pid,
+                      reason=verdict.reason, detect_seconds=round(stamp.age, 3),
+                      waited_seconds=round(verdict.stalled_seconds, 3), **liveness.describe(stamp))
+            self.hung[process.pid] = (what, now, stamp.age)
+            self._set_health(False)
+            process.kill()
+
+    def _set_health(self, up: bool) -> None:
+        """``/health`` and ``/ready`` answer 503 while ``up`` is False (SGLang's own start-up state)."""
+        from sglang.srt.managers.tokenizer_manager import ServerStatus
+
+        status = ServerStatus.Up if up else ServerStatus.Starting
+        with contextlib.suppress(Exception):  # the server may be stopping
+            self._in_event_loop(lambda tm: setattr(tm, "server_status", status))
 
     def _dead(self, excluding=()) -> list[tuple[int, object]]:
         return [(r, p) for r, p in enumerate(self.processes)
@@ -131,6 +178,8 @@ class Supervisor:
     def _how(self, process) -> str:
         if process.pid in self.stuck:
             return "did not reach the rendezvous and was ended"
+        if process.pid in self.hung:
+            return self.hung[process.pid][0]
         return describe_exit(process.exitcode)
 
     def _on_death(self, dead: list) -> None:
@@ -146,12 +195,15 @@ class Supervisor:
         started = time.monotonic()
         deadline = started + self.rejoin_timeout_s
         self.replacing = True
+        self._set_health(False)
         while True:
             if len(ranks) == len(self.processes):
                 self.fail_stop(f"{cause}; no rank survives to take the scheduler state from")
             self.generation += 1
             port = _free_port()
-            membership.announce(self.instance_id, self.generation, port, ranks)
+            pids = {r: self.processes[r].pid for r in ranks}
+            hung = {r: self.hung[pid][2] for r, pid in pids.items() if pid in self.hung}
+            membership.announce(self.instance_id, self.generation, port, ranks, hung)
             announced = time.monotonic()
             spawned = {rank: self._spawn(rank, port) for rank in ranks}
             more = self._await_join(spawned, deadline, cause, announced)
@@ -172,6 +224,7 @@ class Supervisor:
         membership.remove(self.instance_id)  # every rank has read it; the next death writes a new one
         removed = remove_orphaned_semaphores(self.started_at)
         self.replacing = False
+        self._set_health(True)
         for rank in ranks:
             self.restarts[rank] = self.restarts.get(rank, 0) + 1
             log.warning("rank replaced", rank=rank, pid=self.processes[rank].pid,
@@ -367,47 +420,3 @@ def run_replacement(environment: dict, target, args: tuple, questions=None) -> N
     os.environ.update(environment)
     handover.CHANNEL = questions
     target(*args)
-
-
-# -- wrappers for the main-process patch targets (patches.MAIN_TARGETS) ---------------------------------
-def launch_scheduler_processes(wrapped, instance, args, kwargs):
-    """``Engine._launch_scheduler_processes``: adopt the TP scheduler processes it started."""
-    result = wrapped(*args, **kwargs)
-    _, processes = result
-    if processes:
-        server_args, port_args, target = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(
-            ("server_args", "port_args", "run_scheduler_process_func")))
-        SUPERVISOR.launch = (target, server_args, port_args)
-        SUPERVISOR.adopt(processes)
-    return result
-
-
-def wait_for_scheduler_ready(wrapped, instance, args, kwargs):
-    """``engine._wait_for_scheduler_ready``: from here on the server is up and a death is the
-    supervisor's to handle; before it, SGLang's start-up sees the death and fails the start."""
-    result = wrapped(*args, **kwargs)
-    SUPERVISOR.serving = True
-    return result
-
-
-def signal_handler_init(wrapped, instance, args, kwargs):
-    """``SignalHandler.__init__``: made once the tokenizer manager's event loop runs."""
-    wrapped(*args, **kwargs)
-    SUPERVISOR.attach_tokenizer_manager(instance.tokenizer_manager)
-
-
-def watchdog_check_processes(wrapped, instance, args, kwargs):
-    """``SubprocessWatchdog._check_processes``: leave the supervised scheduler processes to the
-    supervisor; keep watching the others (the detokenizer)."""
-    kept = [(p, n) for p, n in zip(instance._processes, instance._names) if not SUPERVISOR.supervises(p)]
-    instance._processes, instance._names = [p for p, _ in kept], [n for _, n in kept]
-    return wrapped(*args, **kwargs)
-
-
-def running_phase_sigquit(wrapped, instance, args, kwargs):
-    """``SignalHandler.running_phase_sigquit_handler``: a surviving rank whose collective failed
-    reports it with SIGQUIT. With supervised processes, the supervisor decides (it names the dead
-    rank); the event loop must keep running meanwhile so the error responses can be sent."""
-    if not SUPERVISOR.processes or SUPERVISOR.standing_down:
-        return wrapped(*args, **kwargs)
-    threading.Thread(target=SUPERVISOR.on_failure_report, name="ghostserve-fail-stop", daemon=True).start()
