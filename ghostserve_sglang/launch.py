@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     refused = compatibility.refusal(server_args, chosen) if chosen.enabled else None
     if refused is not None:
         _fail(refused)
+    if chosen.enabled and server_args.tp_size > 1 and chosen.hang_timeout_seconds:
+        _watchdog_after_replacement(server_args, chosen)
     environment = chosen.to_env()
     instance_id = chosen.instance_id or str(server_args.port)
     environment["GHOSTSERVE_INSTANCE_ID"] = instance_id
@@ -170,6 +172,19 @@ def main(argv: list[str] | None = None) -> None:
             _clean_up(instance_id)
     if refused is not None:
         _fail(refused)
+
+
+def _watchdog_after_replacement(server_args, chosen) -> None:
+    """SGLang's scheduler watchdog ends the whole server when a batch makes no progress for
+    ``--watchdog-timeout``; GhostServe ends and replaces a hung rank instead, which takes up to
+    ``--ghost-hang-timeout-seconds`` plus ``--ghost-rejoin-timeout-seconds``. A shorter watchdog is
+    raised to that, so that SGLang never stops the server first for a stall GhostServe handles."""
+    floor = chosen.hang_timeout_seconds + chosen.rejoin_timeout_seconds
+    if server_args.watchdog_timeout < floor:
+        print(f"ghostserve: --watchdog-timeout raised from {server_args.watchdog_timeout:g} to {floor:g} s "
+              "(--ghost-hang-timeout-seconds + --ghost-rejoin-timeout-seconds): a hung rank is replaced, "
+              "not the server stopped", file=sys.stderr, flush=True)
+        server_args.watchdog_timeout = floor
 
 
 def _clean_up(instance_id: str) -> None:

@@ -25,10 +25,12 @@ def pytest_configure(config):
 # shared server lives at a time: it is stopped as soon as the next test needs another (or none), since
 # an idle SGLang server with TP > 1 keeps its schedulers busy and would slow whatever runs beside it.
 FAULTS = ["--ghost-enable-fault-injection", "1", "--ghost-strict", "1",
-          "--ghost-rejoin-timeout-seconds", "240"]
+          "--ghost-rejoin-timeout-seconds", "240", "--ghost-hang-timeout-seconds", "5"]
 CHUNKS = ["--chunked-prefill-size", "128"]
 SHARED_SERVERS = {
-    "xor2": dict(tp_size=2, ghost_args=["--ghost-code", "xor", *FAULTS], extra=CHUNKS),
+    # --watchdog-timeout 5: the launcher raises it above a hang's detection and replacement
+    "xor2": dict(tp_size=2, ghost_args=["--ghost-code", "xor", *FAULTS],
+                 extra=[*CHUNKS, "--watchdog-timeout", "5"]),
     "rs3": dict(tp_size=3, ghost_args=["--ghost-code", "rs", "--ghost-parity-shards", "2", *FAULTS],
                 extra=CHUNKS, model="tiny-llama-gqa"),
     "off2": dict(tp_size=2, ghost_args=["--ghost-code", "off"], extra=CHUNKS),

@@ -1,7 +1,7 @@
 """A rank's scheduler process hangs on a real TP=2 server (CPU): ``kill -STOP`` of its pid at a random
 moment mid-decode, with requests in chunked prefill and decode. The supervisor sees its progress stamp
 stand still while the other rank waits for it in a collective, ends it within
-``--ghost-hang-timeout-seconds`` (default 10 s) plus a second, and the death path replaces it: every
+``--ghost-hang-timeout-seconds`` (5 s here) plus a second, and the death path replaces it: every
 request finishes with the output ids of a run without the fault, the scrub is clean, and ``/health``
 answers 503 from the detection until the replacement joined, 200 after."""
 
@@ -14,9 +14,9 @@ import urllib.request
 
 import pytest
 
-from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial
+from ghostserve_sglang.testing.campaign import process_fault_mix, run_kill_trial
 
-HANG_TIMEOUT = 10.0  # the default of --ghost-hang-timeout-seconds, which the shared server keeps
+HANG_TIMEOUT = 5.0  # --ghost-hang-timeout-seconds of the shared server
 
 pytestmark = pytest.mark.shared_server("xor2")
 
@@ -56,11 +56,9 @@ class HealthWatch:
 def test_a_stopped_rank_is_found_hung_ended_and_replaced(server, rank, seed):
     before = server.control("status")["ranks"]
     log_before = len(server.log())
-    rng = random.Random(seed)
-    mix = request_mix(rng, requests=7) + [LONG_PROMPT]
     with HealthWatch(server.url) as health:
-        trial = run_kill_trial(server, seed, ranks=[rank], how="STOP", after_steps=rng.randrange(8, 20),
-                               mix=mix)
+        trial = run_kill_trial(server, seed, ranks=[rank], how="STOP",
+                               after_steps=random.Random(seed).randrange(8, 20), mix=process_fault_mix())
     assert trial.running_at_kill >= 4, trial
     assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
     assert trial.restart["restart"] and trial.restart["lost_ranks"] == [rank], trial.restart
@@ -73,3 +71,5 @@ def test_a_stopped_rank_is_found_hung_ended_and_replaced(server, rank, seed):
     assert "rank hung; ending it so that it is replaced" in log
     assert f"pid={before[rank]['pid']}" in log and "was ended" in log
     assert 503 in health.codes and health.codes[-1] == 200, health.codes
+    # the server was started with --watchdog-timeout 5: SGLang's watchdog would have stopped it
+    assert "ghostserve: --watchdog-timeout raised from 5 to 245 s" in server.log()

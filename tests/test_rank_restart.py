@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial
+from ghostserve_sglang.testing.campaign import process_fault_mix, run_kill_trial
 
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1",
          "--ghost-rejoin-timeout-seconds", "240"]
@@ -59,7 +59,7 @@ def healthy_within(server, seconds: float) -> float:
 ])
 def test_a_dead_rank_is_replaced_and_every_request_finishes_unchanged(server, how, seed, after_steps):
     before = status_json(server)["ranks"]
-    mix = request_mix(random.Random(seed), requests=7) + [LONG_PROMPT]
+    mix = process_fault_mix()
     trial = run_kill_trial(server, seed, ranks=[1], how=how, after_steps=after_steps, mix=mix)
     assert trial.running_at_kill >= 4, trial  # the death landed while requests were decoding
     assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
@@ -89,7 +89,7 @@ def test_rank_0_dies_and_every_request_finishes_unchanged(server, how, moment, s
     rank 0 never broadcast (every other request is streamed, and a stream shows a missing output)."""
     before = status_json(server)["ranks"]
     log_before = len(server.log())
-    mix = request_mix(random.Random(seed), requests=7) + [LONG_PROMPT]
+    mix = process_fault_mix()
     trial = run_kill_trial(server, seed, ranks=[0], how=how, after_steps=after_steps, mix=mix, late=late,
                            moment=moment)
     assert trial.running_at_kill >= 4, trial

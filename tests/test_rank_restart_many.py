@@ -15,7 +15,7 @@ import urllib.error
 
 import pytest
 
-from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial
+from ghostserve_sglang.testing.campaign import LONG_PROMPT, process_fault_mix, request_mix, run_kill_trial
 
 pytestmark = pytest.mark.shared_server("rs3")
 
@@ -33,7 +33,7 @@ def server(shared_server):
 def test_up_to_m_dead_ranks_are_replaced_and_rebuilt(server, ranks, how, seed, after_steps, second):
     before = server.control("status")["ranks"]
     log_before = len(server.log())
-    mix = request_mix(random.Random(seed), requests=7) + [LONG_PROMPT]
+    mix = process_fault_mix()
     trial = run_kill_trial(server, seed, ranks=ranks, how=how, after_steps=after_steps, mix=mix, late=1,
                            second=second)
     assert trial.running_at_kill >= 4, trial

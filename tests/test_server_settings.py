@@ -78,3 +78,21 @@ def test_replicate_restores_a_lost_rank_from_its_host_copy(plain_replicate):
     assert trial.ok and trial.running_at_fault > 0, trial
     assert trial.recovery["outcome"] == "rebuilt" and trial.recovery["slots_rebuilt"] > 0
     assert trial.scrub["mismatching"] == 0
+
+
+def test_a_long_forward_below_the_hang_timeout_is_work_not_a_hang(tmp_path):
+    """A hang timeout below one long legitimate forward (a 7,000-token prompt prefilled in one forward,
+    chunked prefill off; about 0.5 s on a 2-core machine): every rank computes, nobody waits long in a
+    collective, no rank is ended."""
+    timeout = 0.2
+    ghost = ["--ghost-code", "xor", "--ghost-hang-timeout-seconds", str(timeout)]
+    with launched(2, ghost, ["--chunked-prefill-size", "-1"], log_dir=str(tmp_path)) as server:
+        pids = [r["pid"] for r in server.control("status")["ranks"]]
+        prompt = [(13 * i) % 997 + 3 for i in range(7000)]
+        started = time.monotonic()
+        reply = server.generate(prompt, 1)
+        forward_seconds = time.monotonic() - started
+        assert len(reply["output_ids"]) == 1
+        assert forward_seconds > 2 * timeout, forward_seconds  # the forward outlasted the timeout
+        assert [r["pid"] for r in server.control("status")["ranks"]] == pids
+        assert "rank hung" not in server.log()

@@ -47,6 +47,7 @@ def free_port() -> int:
 class Server:
     def __init__(self, port: int, process: subprocess.Popen, log_path: str) -> None:
         self.port, self.process, self.log_path = port, process, log_path
+        self.references: dict[str, list] = {}  # fault-free outputs of request mixes (campaign)
         self.url = f"http://127.0.0.1:{port}"
 
     def generate(self, input_ids: list[int], max_new_tokens: int, timeout_s: float = 600,
