@@ -12,7 +12,7 @@ import os
 import sys
 
 from .control import ControlError, call
-from .drills.process import HOWS, MOMENTS
+from .drills.process import HANG_POINTS, HOWS, MOMENTS
 
 
 def _instance(args: argparse.Namespace) -> str:
@@ -99,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
                            "starts holding for the replacement of another rank that died")
     kill.add_argument("--fail-replacement", action="store_true",
                       help="the replacement started for it fails at start-up (drills the fail stop)")
+    hang = sub.add_parser("hang-rank", help="make one rank's scheduler block for ever at a point (needs "
+                          "--ghost-enable-fault-injection; a drill of a hung rank, found and replaced)")
+    hang.add_argument("--rank", type=int, action="append", required=True, dest="ranks",
+                      help="a rank to hang; repeat for several at once")
+    hang.add_argument("--at", default="forward", choices=HANG_POINTS,
+                      help="forward: in its next forward (a kernel that never returns); collective: inside "
+                           "its next all-reduce (CPU); idle: at the top of its loop, before the request "
+                           "broadcast")
     check = sub.add_parser("check-sglang", help="check the installed SGLang against the declared releases "
                            "and patch signatures (no server needed); exit 1 on any difference")
     check.add_argument("--declaration", action="store_true", help="print the installed SGLang's entry "
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "drain": lambda: {"pause": args.action == "pause"},
         "kill-rank": lambda: {"rank": args.rank, "signal": args.signal, "at": args.at,
                               "fail_replacement": args.fail_replacement},
+        "hang-rank": lambda: {"ranks": args.ranks, "at": args.at},
     }.get(args.command, dict)()
     try:
         reply = call(_instance(args), args.command, request_args, timeout_s=args.timeout)

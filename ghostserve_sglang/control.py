@@ -18,7 +18,7 @@ import queue
 import socket
 import threading
 
-OPS = ("status", "scrub", "recover", "inject-fault", "corrupt-parity", "drain", "kill-rank")
+OPS = ("status", "scrub", "recover", "inject-fault", "corrupt-parity", "drain", "kill-rank", "hang-rank")
 
 
 class ControlError(RuntimeError):

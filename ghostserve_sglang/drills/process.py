@@ -1,5 +1,6 @@
-"""Drills that end a rank's process, for testing the replacement of a dead rank (only with
-``--ghost-enable-fault-injection``): ``ghostserve kill-rank`` and the moments it can pick."""
+"""Drills that end or hang a rank's process, for testing the replacement of a dead or hung rank (only
+with ``--ghost-enable-fault-injection``): ``ghostserve kill-rank`` and the moments it can pick, and
+``ghostserve hang-rank`` and the points where the rank blocks for ever."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ MOMENTS = ("now", "output", "finish", "pulled", "hold")
 KILL_DELAY_SECONDS = 0.2  # the reply leaves rank 0 before the target goes
 FORWARD_ERROR = threading.Event()  # set on the target rank: its next forward raises
 AT_MOMENT: dict = {}  # on the target rank, for a moment other than "now": {"moment": ..., "how": ...}
+# Where a hung rank blocks: its next forward (a kernel that never returns), inside its next all-reduce
+# (a collective that never completes; CPU), or at the top of its loop before the request broadcast (a
+# loop that stops, as an idle one would).
+HANG_POINTS = ("forward", "collective", "idle")
+HANG_AT: dict = {}  # on the target rank: {"at": point}
 
 
 class DrillError(RuntimeError):
@@ -59,6 +65,26 @@ def kill_rank(protector, rank: int, how: str, fail_replacement: bool = False,
             "fail_replacement": fail_replacement}
 
 
+def hang_rank(protector, ranks: list[int], at: str) -> dict:
+    """Every rank reports its pid; each of ``ranks`` blocks for ever when it next reaches ``at`` (all
+    in one request: a hung rank handles no later one). Its process lives: only the supervisor's hang
+    check (its progress stamp) can find it."""
+    if not ranks or not all(isinstance(r, int) and 0 <= r < protector.ranks for r in ranks):
+        return {"error": f"rank={ranks!r} is not allowed; give ranks in 0..{protector.ranks - 1}"}
+    if at not in HANG_POINTS:
+        return {"error": f"at={at!r} is not allowed; allowed: {', '.join(HANG_POINTS)}"}
+    pids = protector.call(lambda: protector.gather_objects(os.getpid()))
+    if protector.rank in ranks:
+        HANG_AT["at"] = at
+    return {"ranks": sorted(ranks), "pids": [pids[r] for r in sorted(ranks)], "at": at}
+
+
+def hang_here(point: str) -> None:
+    """On the target of a ``hang-rank`` drill: block for ever if this is its point."""
+    if HANG_AT.get("at") == point:
+        threading.Event().wait()
+
+
 def before_output(rank: int, reqs) -> None:
     """On the target of a ``kill-rank --at output|finish`` drill: end here if this output qualifies."""
     if AT_MOMENT.get("moment") not in ("output", "finish"):
@@ -89,6 +115,7 @@ def at_hold(rank: int) -> None:
 
 
 def before_forward(rank: int) -> None:
+    hang_here("forward")
     if FORWARD_ERROR.is_set():
         raise DrillError(f"ghostserve drill: TP rank {rank}'s forward raised (kill-rank --signal ERROR)")
 

@@ -13,7 +13,8 @@ from ..drills import process as process_drills
 from .protection import reporting, scrub
 from .restart import liveness, rejoin
 
-DRILLS = ("inject-fault", "corrupt-parity", "drain", "kill-rank")  # need --ghost-enable-fault-injection
+# need --ghost-enable-fault-injection
+DRILLS = ("inject-fault", "corrupt-parity", "drain", "kill-rank", "hang-rank")
 
 
 def handle(protector, request: ControlRequest, scheduler) -> dict:
@@ -33,6 +34,8 @@ def handle(protector, request: ControlRequest, scheduler) -> dict:
     if request.op == "kill-rank":
         return process_drills.kill_rank(p, args.get("rank"), args.get("signal", "KILL"),
                                         bool(args.get("fail_replacement", False)), args.get("at", "now"))
+    if request.op == "hang-rank":
+        return process_drills.hang_rank(p, args.get("ranks") or [], args.get("at", "forward"))
     ranks = args.get("ranks") or sorted(p.lost)
     if not ranks:
         return {"error": f"{request.op} needs --rank: no rank has lost its KV"}

@@ -101,8 +101,9 @@ def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", aft
                    second: tuple[int, float] | None = None) -> KillTrial:
     """One process-death trial: the mix once without a fault (the reference), then again while the
     scheduler processes of ``ranks`` end ``after_steps`` steps into it (0: during the first prefill):
-    a signal (``KILL``, ``SEGV``, ``TERM``) sent to their pids from ``status``; or, for ``ERROR`` or a
-    ``moment`` other than ``now``, the ``kill-rank`` drill. The last ``late`` requests of the mix are
+    a signal (``KILL``, ``SEGV``, ``TERM``, ``STOP``) sent to their pids from ``status``; or, for ``ERROR``
+    or a ``moment`` other than ``now``, the ``kill-rank`` drill; or, for ``HANG``, the ``hang-rank`` drill
+    at ``moment`` (``forward``, ``collective``, ``idle``). The last ``late`` requests of the mix are
     sent only after the deaths. ``second`` = (rank, seconds): that rank gets ``kill -9`` so long after
     the first deaths, while they are being replaced."""
     rng = random.Random(seed)
@@ -116,7 +117,9 @@ def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", aft
         while server.control("status")["ranks"][0]["step"] < before[0]["step"] + after_steps:
             time.sleep(0.005)
         running = sum(not f.done() for f in futures)
-        for rank in ranks:
+        if how == "HANG":  # one request for all: a hung rank takes no later one
+            server.control("hang-rank", ranks=list(ranks), at=moment)
+        for rank in ranks if how != "HANG" else ():
             if how == "ERROR" or moment != "now":
                 try:
                     server.control("kill-rank", rank=rank, signal=how, at=moment)

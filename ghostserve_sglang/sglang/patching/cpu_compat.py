@@ -28,6 +28,7 @@ import types
 
 import torch
 
+from ...drills import process as process_drills
 from ..restart import liveness
 
 MISSING_NCCL = "/nonexistent/ghostserve-cpu-has-no-nccl/libnccl.so.2"
@@ -62,6 +63,7 @@ def ordered_all_reduce(wrapped, instance, args, kwargs):
     collective meanwhile (``liveness``)."""
     part = args[0] if args else kwargs["input_"]
     with liveness.collective():  # the rank waits for its peers here (a hung peer's victims do)
+        process_drills.hang_here("collective")
         if instance.world_size <= 2 or not part.is_cpu:
             return wrapped(*args, **kwargs)
         parts = [torch.empty_like(part) for _ in range(instance.world_size)]

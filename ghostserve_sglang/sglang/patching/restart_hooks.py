@@ -6,6 +6,7 @@ unchanged."""
 
 from __future__ import annotations
 
+from ...drills import process as drills
 from ..protection.collectives import peer_lost
 from ..restart import liveness, rejoin
 from .state import STATE
@@ -20,6 +21,7 @@ def _holding_protector(exc: BaseException):
 def broadcast_reqs(wrapped, instance, args, kwargs):
     """``SchedulerRequestReceiver._broadcast_reqs_across_ranks``: on a peer's death, hold, then send
     the same requests again to the re-formed group."""
+    drills.hang_here("idle")
     while True:
         if liveness.WRITER is not None:
             liveness.WRITER.next_iteration()
