@@ -91,6 +91,40 @@ class Server:
             return f.read()
 
 
+PORT_ATTEMPTS = 3
+
+
+def _wait_ready(server: Server, timeout_s: float) -> bool:
+    """Wait until ``server`` answers ``/health``: True. False when its HTTP port was taken by another
+    process before it bound it (SGLang logs the error and does not exit); it is stopped then. Raises
+    when it exits or does not answer within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if "address already in use" in server.log():
+            _stop(server.process)
+            return False
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not ready in {timeout_s} s:\n{server.log()[-4000:]}")
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.contextmanager
 def launched(tp_size: int, ghost_args: list[str], extra: list[str] = (), log_dir: str = "/tmp",
              max_total_tokens: int = 8192, start_timeout_s: float = 400,
@@ -100,40 +134,32 @@ def launched(tp_size: int, ghost_args: list[str], extra: list[str] = (), log_dir
     """A server from our launcher with ``ghost_args``; or, with ``plain_sglang_env``, from
     ``python -m sglang.launch_server`` with those GHOSTSERVE_* variables set. ``model`` names a bundled
     model (see :mod:`ghostserve_sglang.models`) or is a model folder; ``python`` and ``cwd`` choose the
-    interpreter (an environment GhostServe is installed in) and the folder it starts in."""
-    port = free_port()
-    log_path = os.path.join(log_dir, f"ghostserve-server-{port}.log")
+    interpreter (an environment GhostServe is installed in) and the folder it starts in. A start that
+    loses its free port to another process before it binds it is tried again on another port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTSERVE_")}
     module = "ghostserve_sglang.launch"
     if plain_sglang_env is not None:
         module = "sglang.launch_server"
         env.update(plain_sglang_env)
     model_path = str(models.path(model)) if model in models.NAMES else model
-    command = [python, "-m", module, "--model-path", model_path,
-               *flags, "--tp-size", str(tp_size), "--port", str(port),
-               "--max-total-tokens", str(max_total_tokens), *extra, *ghost_args]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-    server = Server(port, process, log_path)
+    for _ in range(PORT_ATTEMPTS):
+        port = free_port()
+        log_path = os.path.join(log_dir, f"ghostserve-server-{port}.log")
+        command = [python, "-m", module, "--model-path", model_path,
+                   *flags, "--tp-size", str(tp_size), "--port", str(port),
+                   "--max-total-tokens", str(max_total_tokens), *extra, *ghost_args]
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        server = Server(port, process, log_path)
+        try:
+            if _wait_ready(server, start_timeout_s):
+                break
+        except BaseException:
+            _stop(process)
+            raise
+    else:
+        raise RuntimeError(f"every port tried was taken before the server bound it ({PORT_ATTEMPTS} tries)")
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in {start_timeout_s} s:\n{server.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(server.url + "/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.2)
         yield server
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process)
