@@ -12,7 +12,6 @@ import pathlib
 import random
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -22,7 +21,7 @@ from ghostserve_sglang import models
 from ghostserve_sglang.drills import kv as kv_drills
 from ghostserve_sglang.sglang.protection.scrub import scrub as scrub_parity
 from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial, run_trial
-from ghostserve_sglang.testing.local_server import free_port, launched
+from ghostserve_sglang.testing.local_server import eventually, free_port, launched
 from ghostserve_sglang.testing.rig import make_protector, stop, written
 
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1",
@@ -80,17 +79,18 @@ REFUSED = [
 ]
 
 
-def left_behind(group: int, port: int, timeout_s: float = 10) -> list:
-    """Live processes of a process group, and the server's files in /dev/shm, once they had
-    ``timeout_s`` to go (the group's last processes may still be exiting)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+def nothing_left(group: int, port: int) -> bool:
+    """No live process of a process group and none of the server's files in /dev/shm, within 10 s
+    (the group's last processes may still be exiting)."""
+
+    def gone() -> bool:
         alive = [p.pid for p in psutil.process_iter(["status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
                  and _group(p.pid) == group]  # a zombie has ended; only init can reap it here
         found = alive + [name for name in ghostserve_files() if name.startswith(f"ghostserve-{port}")]
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+        assert not found, found
+        return True
+
+    return eventually(gone, timeout_s=10)
 
 
 def _group(pid: int) -> int | None:
@@ -158,7 +158,7 @@ def test_a_refused_launcher_exits_with_status_2_and_leaves_nothing_running(tmp_p
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 2, err[-3000:]
     check_refusal_line(err, named)
-    assert not left_behind(launcher.pid, port)
+    assert nothing_left(launcher.pid, port)
 
 
 @pytest.mark.parametrize("model, env, named", [
@@ -176,7 +176,7 @@ def test_plain_sglang_launch_server_refuses_what_the_launcher_would(model, env, 
     assert len(refusals) == 1, err[-3000:]
     assert refusals[0].startswith(f"ghostserve: a scheduler process refused to start: {named[0]}"), refusals
     assert all(part in refusals[0] for part in named), refusals
-    assert not left_behind(server.pid, port)
+    assert nothing_left(server.pid, port)
 
 
 @pytest.mark.parametrize("extra, logged, kill", [

@@ -14,7 +14,7 @@ import pytest
 
 from ghostserve_sglang import control
 from ghostserve_sglang.control import ControlError
-from ghostserve_sglang.testing.local_server import free_port
+from ghostserve_sglang.testing.local_server import eventually, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,11 +94,12 @@ def test_make_run_serves_a_protected_tp2_server_and_prints_how_to_use_it(make_ru
     finally:
         os.killpg(make.pid, signal.SIGTERM)  # as Ctrl-C in a terminal: every process of the group
         make.wait(timeout=120)
-    leftovers = lambda: [n for n in os.listdir("/dev/shm") if n.startswith(f"ghostserve-{port}")]  # noqa: E731
-    deadline = time.monotonic() + 10  # the group's last processes may still be removing their files
-    while leftovers() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not leftovers()
+    def files_removed() -> bool:  # the group's last processes may still be removing their files
+        left = [n for n in os.listdir("/dev/shm") if n.startswith(f"ghostserve-{port}")]
+        assert not left, left
+        return True
+
+    eventually(files_removed, timeout_s=10)
     assert "fail stop" not in log_path.read_text()  # stopping the whole server is not a fault
 
 

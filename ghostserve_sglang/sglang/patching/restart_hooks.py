@@ -23,8 +23,7 @@ def broadcast_reqs(wrapped, instance, args, kwargs):
     the same requests again to the re-formed group."""
     drills.hang_here("idle")
     while True:
-        if liveness.WRITER is not None:
-            liveness.WRITER.next_iteration()
+        liveness.next_iteration()
         try:
             result = wrapped(*args, **kwargs)
             rejoin.MEMBERS.broadcasts += 1
@@ -34,7 +33,6 @@ def broadcast_reqs(wrapped, instance, args, kwargs):
             protector = _holding_protector(exc)
             if protector is None:
                 raise
-            liveness.enter(liveness.HOLDING)
             if rejoin.hold(protector.scheduler, protector, exc, "ingest"):
                 # A survivor got these requests (they are in the state now): join the next broadcast.
                 pulled = args[0] if args else kwargs.get("recv_reqs")
@@ -53,7 +51,6 @@ def run_batch(wrapped, instance, args, kwargs):
         protector = _holding_protector(exc)
         if protector is None:
             raise
-        liveness.enter(liveness.HOLDING)
         instance.forward_ct, instance.processed_tokens_counter = counters
         rejoin.hold(instance, protector, exc, "run_batch", args[0] if args else kwargs["batch"])
         return rejoin.ABANDONED

@@ -79,6 +79,11 @@ def enter(phase: int) -> None:
         WRITER.enter(phase)
 
 
+def next_iteration() -> None:
+    if WRITER is not None:
+        WRITER.next_iteration()
+
+
 @contextlib.contextmanager
 def collective():
     """Around a collective inside a phase (an all-reduce in the forward): the rank waits for its peers

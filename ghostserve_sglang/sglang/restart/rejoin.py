@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ...drills import process as drills
 from ..protection.collectives import peer_lost
-from . import handover, membership, snapshot
+from . import handover, liveness, membership, snapshot
 from .regroup import Transcript
 
 log = structlog.get_logger("ghostserve.rejoin")
@@ -61,6 +61,7 @@ def hold(scheduler, protector, exc: BaseException, phase: str, batch=None) -> bo
     """A survivor's collective failed with ``exc`` in ``phase``. Returns once the group is whole again
     and the state agrees; raises ``exc`` if no replacement is announced (a real error). Returns whether
     this rank took the state of a survivor that had got further (then the interrupted call is void)."""
+    liveness.enter(liveness.HOLDING)
     announced = membership.wait_for(MEMBERS.instance_id, MEMBERS.generation, ANNOUNCEMENT_WAIT_SECONDS)
     if announced is None:
         raise exc
