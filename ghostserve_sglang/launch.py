@@ -11,6 +11,7 @@ May import: anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -187,16 +188,21 @@ def _watchdog_after_replacement(server_args, chosen) -> None:
         server_args.watchdog_timeout = floor
 
 
+_CLEAN_UP_LOCK = threading.Lock()
+
+
 def _clean_up(instance_id: str) -> None:
-    """Remove what a stopped server leaves: its host segments and its control socket."""
-    for path in remove_orphans(instance_id):
-        print(f"ghostserve: removed {path}", file=sys.stderr)
-    membership.remove(instance_id)
-    liveness.remove(instance_id)
-    refusal.take(instance_id)
-    stale_socket = socket_path(instance_id)
-    if os.path.exists(stale_socket):
-        os.unlink(stale_socket)
+    """Remove what a stopped server leaves: its host segments, stamps, membership and control socket.
+    Runs from the launcher's exit and from the supervisor's stop (whichever comes first; SGLang's
+    SIGQUIT handler may kill the launcher before its exit), one at a time."""
+    with _CLEAN_UP_LOCK:
+        for path in remove_orphans(instance_id):
+            print(f"ghostserve: removed {path}", file=sys.stderr)
+        membership.remove(instance_id)
+        liveness.remove(instance_id)
+        refusal.take(instance_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path(instance_id))
 
 
 if __name__ == "__main__":

@@ -270,3 +270,16 @@ def test_mla_and_hybrid_pools_are_refused():
                        full_attention_layer_ids=[1], **common), "SWAKVPool (hybrid")
     _refused(HybridLinearKVPool(size=16, head_num=2, head_dim=8, full_attention_layer_ids=[3],
                                 mamba_pool=None, **common), "HybridLinearKVPool (hybrid")
+
+
+def test_a_stops_sigquit_cleans_up_before_sglang_kills_the_tree(monkeypatch):
+    """On a stop, the detokenizer's exit makes SGLang's watchdog send SIGQUIT, whose handler kills the
+    whole tree, launcher included: the launcher's clean-up (stamps, membership, segments) runs first."""
+    from ghostserve_sglang.sglang.patching import main_hooks
+    from ghostserve_sglang.sglang.restart.supervisor import SUPERVISOR
+
+    calls = []
+    monkeypatch.setattr(SUPERVISOR, "standing_down", True)
+    monkeypatch.setattr(SUPERVISOR, "clean_up", lambda: calls.append("clean up"))
+    main_hooks.running_phase_sigquit(lambda: calls.append("kill the tree"), None, (), {})
+    assert calls == ["clean up", "kill the tree"]

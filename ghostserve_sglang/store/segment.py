@@ -20,6 +20,7 @@ and split the ring's (step, slot) pairs into two arrays; a version-1 segment is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import mmap
 import os
@@ -57,8 +58,9 @@ def remove_orphans(instance_id: str, directory: str = SHM_DIR) -> list[str]:
         path = os.path.join(directory, name)
         if name.startswith(prefix) and name[len(prefix):].isdigit():
             if not _pid_alive(ParitySegment._owner_of(path)):
-                os.unlink(path)
-                removed.append(path)
+                with contextlib.suppress(FileNotFoundError):  # its rank's own stop may remove it first
+                    os.unlink(path)
+                    removed.append(path)
     return removed
 
 

@@ -46,7 +46,11 @@ def watchdog_check_processes(wrapped, instance, args, kwargs):
 def running_phase_sigquit(wrapped, instance, args, kwargs):
     """``SignalHandler.running_phase_sigquit_handler``: a surviving rank whose collective failed
     reports it with SIGQUIT. With supervised processes, the supervisor decides (it names the dead
-    rank); the event loop must keep running meanwhile so the error responses can be sent."""
+    rank); the event loop must keep running meanwhile so the error responses can be sent. When the
+    server is being stopped, SGLang's handler kills the whole tree, the launcher included, so the
+    launcher's clean-up runs first."""
+    if SUPERVISOR.standing_down:
+        SUPERVISOR.clean_up()
     if not SUPERVISOR.processes or SUPERVISOR.standing_down:
         return wrapped(*args, **kwargs)
     threading.Thread(target=SUPERVISOR.on_failure_report, name="ghostserve-fail-stop", daemon=True).start()

@@ -11,6 +11,7 @@ error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -49,5 +50,6 @@ def take(instance_id: str) -> str | None:
             message = f.read().strip()
     except FileNotFoundError:
         return None
-    os.unlink(path(instance_id))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path(instance_id))
     return message or None

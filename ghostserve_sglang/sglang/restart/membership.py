@@ -15,6 +15,7 @@ and replaces it too.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -93,7 +94,7 @@ def gathered(instance_id: str, generation: int, ranks: int, timeout_s: float) ->
 
 def remove(instance_id: str) -> None:
     for name in (path(instance_id), *glob.glob(_mark(instance_id, "*", "*"))):
-        if os.path.exists(name):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
 
 
