@@ -39,6 +39,10 @@ def main() -> None:
                         "random ranks (up to m at once, rank 0 included), signal and moment")
     parser.add_argument("--kv-fault-every", type=int, default=4,
                         help="with --process-kills: every N-th trial is an in-place KV fault (0: none)")
+    parser.add_argument("--hangs", type=float, default=0.0, help="with --process-kills: the share of "
+                        "trials whose ranks hang instead of dying (kill -STOP, or the hang-rank drill in "
+                        "the forward, at an all-reduce, or idle)")
+    parser.add_argument("--hang-timeout", type=float, default=5.0, help="--ghost-hang-timeout-seconds")
     args = parser.parse_args()
     if args.process_kills:
         return kill_campaign(args)
@@ -73,7 +77,8 @@ def main() -> None:
 def campaign_server(args):
     """The protected server every trial of a campaign runs against."""
     ghost = ["--ghost-code", args.code, "--ghost-parity-shards", str(args.parity_shards),
-             "--ghost-enable-fault-injection", "1"]
+             "--ghost-enable-fault-injection", "1", "--ghost-max-restarts", "0",
+             "--ghost-hang-timeout-seconds", str(getattr(args, "hang_timeout", 10.0))]
     with tempfile.TemporaryDirectory() as logs, \
             launched(args.tp, ghost, ["--chunked-prefill-size", "128"], log_dir=logs,
                      model=args.model) as server:
@@ -82,6 +87,42 @@ def campaign_server(args):
 
 MOMENTS = ("prefill", "chunked prefill", "decode", "output", "recovery")
 SIGNALS = ("KILL", "SEGV", "TERM")
+HANGS = ("STOP", "forward", "collective", "idle")  # kill -STOP, or where the hang-rank drill blocks
+
+
+def kill_trial(server, rng: random.Random, args, seed: int):
+    """A death: random ranks (up to m), signal and moment."""
+    moments = MOMENTS if args.tp > 2 else MOMENTS[:-1]  # with two ranks a second death leaves no survivor
+    moment, how = rng.choice(moments), rng.choice(SIGNALS)
+    # One rank for "output": a drill arms one rank through rank 0, which a first death can stop.
+    ranks = sorted(rng.sample(range(args.tp), 1 if moment in ("recovery", "output") else
+                              rng.randint(1, args.parity_shards)))
+    second = None
+    if moment == "recovery":
+        second = (rng.choice([r for r in range(args.tp) if r not in ranks]), rng.uniform(1.0, 12.0))
+    after = {"prefill": rng.randrange(0, 3), "chunked prefill": rng.randrange(1, 5)}.get(
+        moment, rng.randrange(6, 28))
+    mix = request_mix(random.Random(seed), requests=7) + [LONG_PROMPT]
+    trial = run_kill_trial(server, seed, ranks=ranks, how=how, after_steps=after, mix=mix,
+                           late=rng.choice((0, 1)), moment="output" if moment == "output" else "now",
+                           second=second)
+    trial.moment = moment
+    return trial
+
+
+def hang_trial(server, rng: random.Random, args, seed: int):
+    """A hang: random ranks (up to m) stopped with SIGSTOP, or blocked by the drill in the forward, at an
+    all-reduce or at the top of their loop while idle (then every request is sent after the hang)."""
+    kind = rng.choice(HANGS)
+    ranks = sorted(rng.sample(range(args.tp), rng.randint(1, args.parity_shards)))
+    mix = request_mix(random.Random(seed), requests=7) + [LONG_PROMPT]
+    idle = kind == "idle"
+    trial = run_kill_trial(server, seed, ranks=ranks, how="STOP" if kind == "STOP" else "HANG",
+                           after_steps=0 if idle else rng.randrange(1, 28), mix=mix,
+                           late=len(mix) if idle else rng.choice((0, 1)),
+                           moment="now" if kind == "STOP" else kind)
+    trial.moment = "hang"
+    return trial
 
 
 def kill_campaign(args) -> None:
@@ -90,7 +131,6 @@ def kill_campaign(args) -> None:
     KV fault instead, on the same server."""
     rng = random.Random(args.seed)
     kills, kv = [], []
-    moments = MOMENTS if args.tp > 2 else MOMENTS[:-1]  # with two ranks a second death leaves no survivor
     with campaign_server(args) as server:
         for i in range(args.trials):
             seed = args.seed + i
@@ -101,24 +141,13 @@ def kill_campaign(args) -> None:
                       f"{trial.recovery.get('outcome')}; lost requests {trial.lost_requests}, wrong tokens "
                       f"{trial.wrong_tokens}", flush=True)
                 continue
-            moment, how = rng.choice(moments), rng.choice(SIGNALS)
-            # One rank for "output": a drill arms one rank through rank 0, which a first death can stop.
-            ranks = sorted(rng.sample(range(args.tp), 1 if moment in ("recovery", "output") else
-                                      rng.randint(1, args.parity_shards)))
-            second = None
-            if moment == "recovery":
-                second = (rng.choice([r for r in range(args.tp) if r not in ranks]), rng.uniform(1.0, 12.0))
-            after = {"prefill": rng.randrange(0, 3), "chunked prefill": rng.randrange(1, 5)}.get(
-                moment, rng.randrange(6, 28))
-            mix = request_mix(random.Random(seed), requests=7) + [LONG_PROMPT]
-            trial = run_kill_trial(server, seed, ranks=ranks, how=how, after_steps=after, mix=mix,
-                                   late=rng.choice((0, 1)), moment="output" if moment == "output" else "now",
-                                   second=second)
-            trial.moment = moment
+            make = hang_trial if rng.random() < args.hangs else kill_trial
+            trial = make(server, rng, args, seed)
             kills.append(trial)
             restart = trial.restart
-            print(f"trial {i + 1:3d}/{args.trials}: {trial.how} of rank(s) {trial.ranks} at {moment} "
-                  f"(step {after}, {trial.running_at_kill} requests running), {restart['outcome']}, "
+            print(f"trial {i + 1:3d}/{args.trials}: {trial.how} of rank(s) {trial.ranks} at {trial.moment} "
+                  f"(step {trial.after_steps}, {trial.running_at_kill} requests running), "
+                  f"{restart['outcome']}, "
                   f"{restart['slots_rebuilt']} slots rebuilt / {restart['slots_recomputed']} recomputed, "
                   f"restart {restart['seconds']:.2f} s; lost requests {trial.lost_requests}, "
                   f"wrong tokens {trial.wrong_tokens}, scrub mismatching {trial.scrub['mismatching']} "
@@ -143,7 +172,20 @@ def kill_campaign(args) -> None:
         f" / {percentile([t.restart['phases'].get(n, 0) for t in kills], 99):.3f}" for n in names))
     seconds = [t.restart["seconds"] for t in kills]
     print(f"restart total p50 {percentile(seconds, 50):.2f} s, p99 {percentile(seconds, 99):.2f} s")
+    hangs = [t for t in kills if t.moment == "hang"]
+    if hangs:
+        detect = [t.restart["phases"].get("hang_detect_seconds", 0.0) for t in hangs]
+        restart = [t.restart["seconds"] for t in hangs]
+        total = [d + r for d, r in zip(detect, restart)]
 
+        def p50_p99(values: list[float]) -> str:
+            return f"p50 {percentile(values, 50):.2f} s, p99 {percentile(values, 99):.2f} s"
+
+        print(f"hang trials {len(hangs)} (--ghost-hang-timeout-seconds {args.hang_timeout:g}): by kind "
+              f"{dict(count(t.how for t in hangs))}, lost requests {sum(t.lost_requests for t in hangs)}, "
+              f"wrong tokens {sum(t.wrong_tokens for t in hangs)}")
+        print(f"hang detected (stamp age when found) {p50_p99(detect)}; replaced after it "
+              f"{p50_p99(restart)}; hang to serving again {p50_p99(total)}")
 
 if __name__ == "__main__":
     main()

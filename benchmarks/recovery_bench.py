@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens of the request")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    ghost = ["--ghost-code", args.code, "--ghost-enable-fault-injection", "1"]
+    ghost = ["--ghost-code", args.code, "--ghost-enable-fault-injection", "1", "--ghost-max-restarts", "0"]
     rng = random.Random(0)
     prefill, rebuild, rebuilt_slots = [], [], []
     with tempfile.TemporaryDirectory() as logs, launched(args.tp, ghost, log_dir=logs,

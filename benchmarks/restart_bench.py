@@ -54,7 +54,7 @@ def stream(port: int, ids: list[int], new_tokens: int, times: list[float], token
 
 
 def ghostserve_run(context: int, prompts: list[list[int]], logs: str) -> dict:
-    ghost = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1"]
+    ghost = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-max-restarts", "0"]
     with launched(2, ghost, log_dir=logs, max_total_tokens=pool_tokens(context)) as server:
         server.generate([5] * 64, 4)  # warm-up
         pid = server.control("status")["ranks"][1]["pid"]

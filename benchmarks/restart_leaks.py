@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kills", type=int, default=30)
     args = parser.parse_args()
-    ghost = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1"]
+    ghost = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-max-restarts", "0"]
     rng = random.Random(7)
     samples = []
     with tempfile.TemporaryDirectory() as logs, launched(2, ghost, log_dir=logs) as server:

@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="now; output: just before its next output to the detokenizer (which is lost); "
                            "finish: just before its next output that finishes a request; pulled (rank 0): "
                            "right after it pulled requests, before any other rank has them; hold: when it "
-                           "starts holding for the replacement of another rank that died")
+                           "starts holding for the replacement of another rank that died; batch: in the "
+                           "forward of its next batch and of every later batch holding one of its "
+                           "requests, its replacements too (a request that crashes the model every time)")
     kill.add_argument("--fail-replacement", action="store_true",
                       help="the replacement started for it fails at start-up (drills the fail stop)")
     hang = sub.add_parser("hang-rank", help="make one rank's scheduler block for ever at a point (needs "
@@ -104,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     hang.add_argument("--rank", type=int, action="append", required=True, dest="ranks",
                       help="a rank to hang; repeat for several at once")
     hang.add_argument("--at", default="forward", choices=HANG_POINTS,
-                      help="forward: in its next forward (a kernel that never returns); collective: inside "
-                           "its next all-reduce (CPU); idle: at the top of its loop, before the request "
-                           "broadcast")
+                      help="forward: in its next forward (a kernel that never returns); collective: at its "
+                           "next all-reduce, before it hands its part over, so its peers wait in it (CPU); "
+                           "idle: at the top of its loop, before the request broadcast")
     check = sub.add_parser("check-sglang", help="check the installed SGLang against the declared releases "
                            "and patch signatures (no server needed); exit 1 on any difference")
     check.add_argument("--declaration", action="store_true", help="print the installed SGLang's entry "

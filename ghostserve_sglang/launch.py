@@ -22,10 +22,12 @@ import urllib.request
 
 from . import logs, settings
 from .control import socket_path
+from .drills import process as process_drills
 from .settings import SettingsError
 from .sglang.patching import compatibility, cpu_compat, refusal
 from .sglang.patching.patches import MAIN_PATCHER, PatchError, check_supported, load_spec
 from .sglang.restart import liveness, membership
+from .sglang.restart.policy import RestartPolicy
 from .sglang.restart.supervisor import SUPERVISOR
 from .store import remove_orphans
 
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     load_plugins()
     if chosen.enabled:
         SUPERVISOR.configure(lambda: _clean_up(instance_id), instance_id, chosen.rejoin_timeout_seconds,
-                             chosen.hang_timeout_seconds)
+                             chosen.hang_timeout_seconds,
+                             RestartPolicy(chosen.max_restarts, chosen.restart_period_seconds))
         try:
             MAIN_PATCHER.install(allow_unsupported=chosen.allow_unsupported_sglang)
         except PatchError as exc:
@@ -201,6 +204,7 @@ def _clean_up(instance_id: str) -> None:
         membership.remove(instance_id)
         liveness.remove(instance_id)
         refusal.take(instance_id)
+        process_drills.remove_markers(instance_id)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path(instance_id))
 

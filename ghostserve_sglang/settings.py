@@ -88,6 +88,11 @@ OPTIONS = (
     Option("hang_timeout_seconds", float, 10.0, "how long a TP rank may stay in one phase while another "
            "waits for it in a collective before it counts as hung and is ended and replaced; 0: never",
            unit="s"),
+    Option("max_restarts", int, 3, "how many times one TP rank may be replaced within "
+           "--ghost-restart-period-seconds; its next death in that period stops the server (a crash "
+           "loop); 0: no limit"),
+    Option("restart_period_seconds", float, 600.0, "the period --ghost-max-restarts counts "
+           "replacements in", unit="s"),
     Option("log_format", str, "console", "GhostServe's log lines: console for people, json for machines",
            LOG_FORMATS),
 )
@@ -115,6 +120,8 @@ class Settings:
     recompute_below_tokens: int
     rejoin_timeout_seconds: float
     hang_timeout_seconds: float
+    max_restarts: int
+    restart_period_seconds: float
     log_format: str
 
     def __post_init__(self) -> None:
@@ -139,6 +146,12 @@ class Settings:
         if not self.hang_timeout_seconds >= 0:
             raise SettingsError(f"--ghost-hang-timeout-seconds={self.hang_timeout_seconds} is not "
                                 "allowed; it must be >= 0 (0: hangs are not looked for)")
+        if self.max_restarts < 0:
+            raise SettingsError(f"--ghost-max-restarts={self.max_restarts} is not allowed; it must be "
+                                ">= 0 (0: no limit)")
+        if not self.restart_period_seconds > 0:
+            raise SettingsError(f"--ghost-restart-period-seconds={self.restart_period_seconds} is not "
+                                "allowed; it must be > 0")
         if not self.stall_timeout_seconds >= 0:
             raise SettingsError(f"--ghost-stall-timeout-seconds={self.stall_timeout_seconds} is not "
                                 "allowed; it must be >= 0")

@@ -25,7 +25,8 @@ def pytest_configure(config):
 # shared server lives at a time: it is stopped as soon as the next test needs another (or none), since
 # an idle SGLang server with TP > 1 keeps its schedulers busy and would slow whatever runs beside it.
 FAULTS = ["--ghost-enable-fault-injection", "1", "--ghost-strict", "1",
-          "--ghost-rejoin-timeout-seconds", "240", "--ghost-hang-timeout-seconds", "5"]
+          "--ghost-rejoin-timeout-seconds", "240", "--ghost-hang-timeout-seconds", "5",
+          "--ghost-max-restarts", "0"]  # these servers replace ranks many times, on purpose
 CHUNKS = ["--chunked-prefill-size", "128"]
 SHARED_SERVERS = {
     # --watchdog-timeout 5: the launcher raises it above a hang's detection and replacement

@@ -1,8 +1,9 @@
 """Hung ranks on a real TP=3 server (CPU, rs m=2), made with the ``hang-rank`` drill: a rank blocks for
-ever in its forward (a kernel that never returns) or at the top of its loop while the server is idle;
+ever in its forward (a kernel that never returns), at an all-reduce inside the forward before it hands
+its part over (its peers wait in the collective), or at the top of its loop while the server is idle;
 and two ranks at once. Each is found from its progress stamp, ended and replaced, and every request
-finishes with the output ids of a run without the fault. (A rank blocked inside an all-reduce looks like
-its peers waiting there; that case is decided by policy, tested in test_liveness.py.)"""
+finishes with the output ids of a run without the fault. (Ranks that have all called into a collective
+that never completes look alike; that case is decided by policy, tested in test_liveness.py.)"""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def server(shared_server):
 @pytest.mark.parametrize("ranks, at, after_steps", [
     ([1], "forward", 10),
     ([1, 2], "forward", 12),  # two at once: m=2 covers both
+    ([2], "collective", 8),  # mid-forward: its peers wait in the all-reduce it never joins
 ])
 def test_a_rank_hung_mid_decode_is_ended_and_replaced(server, ranks, at, after_steps):
     before = server.control("status")["ranks"]

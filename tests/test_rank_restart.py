@@ -16,10 +16,6 @@ import pytest
 
 from ghostserve_sglang.testing.campaign import process_fault_mix, run_kill_trial
 
-GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1",
-         "--ghost-rejoin-timeout-seconds", "240"]
-
-
 pytestmark = pytest.mark.shared_server("xor2")
 
 

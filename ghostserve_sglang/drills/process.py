@@ -4,6 +4,9 @@ with ``--ghost-enable-fault-injection``): ``ghostserve kill-rank`` and the momen
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import json
 import os
 import signal
 import threading
@@ -14,16 +17,21 @@ SIGNALS = ("KILL", "TERM", "SEGV")
 HOWS = (*SIGNALS, "ERROR", "STOP")
 # When: at once; before its next output; before its next output that finishes a request; (rank 0) right
 # after it pulled requests from the tokenizer, before it broadcast them to the other ranks; when it
-# starts holding for the replacement of another rank that died.
-MOMENTS = ("now", "output", "finish", "pulled", "hold")
+# starts holding for the replacement of another rank that died; in the forward of its next batch and of
+# every later batch holding one of that batch's requests, its replacements too (a request that crashes
+# the model every time).
+MOMENTS = ("now", "output", "finish", "pulled", "hold", "batch")
 KILL_DELAY_SECONDS = 0.2  # the reply leaves rank 0 before the target goes
 FORWARD_ERROR = threading.Event()  # set on the target rank: its next forward raises
 AT_MOMENT: dict = {}  # on the target rank, for a moment other than "now": {"moment": ..., "how": ...}
-# Where a hung rank blocks: its next forward (a kernel that never returns), inside its next all-reduce
-# (a collective that never completes; CPU), or at the top of its loop before the request broadcast (a
-# loop that stops, as an idle one would).
+# Where a hung rank blocks: its next forward (a kernel that never returns), its next all-reduce inside
+# the forward, before it hands its part over (its peers wait in a collective that never completes; CPU),
+# or at the top of its loop before the request broadcast (a loop that stops, as an idle one would).
 HANG_POINTS = ("forward", "collective", "idle")
 HANG_AT: dict = {}  # on the target rank: {"at": point}
+# On the target of ``kill-rank --at batch`` and its replacements: {"how": ..., "rids": the requests of
+# the batch that killed it first (None until then)}; kept in a file for the replacements.
+KILLING_BATCH: dict = {}
 
 
 class DrillError(RuntimeError):
@@ -53,8 +61,10 @@ def kill_rank(protector, rank: int, how: str, fail_replacement: bool = False,
     pids = protector.call(lambda: protector.gather_objects(os.getpid()))
     if protector.rank == rank:
         if fail_replacement:
-            open(_fail_marker(protector.instance_id, rank), "w").close()
-        if moment != "now":
+            open(_marker(protector.instance_id, "fail-replacement", rank), "w").close()
+        if moment == "batch":
+            KILLING_BATCH.update(how=how, rids=None)
+        elif moment != "now":
             AT_MOMENT.update(moment=moment, how=how)
         elif how == "ERROR":
             FORWARD_ERROR.set()
@@ -120,16 +130,41 @@ def before_forward(rank: int) -> None:
         raise DrillError(f"ghostserve drill: TP rank {rank}'s forward raised (kill-rank --signal ERROR)")
 
 
+def in_batch(protector, batch) -> None:
+    """On the target of a ``kill-rank --at batch`` drill, in the forward of ``batch``: the first batch
+    names the requests (kept for the replacements); any batch holding one of them ends the rank."""
+    if not KILLING_BATCH:
+        return
+    rids = {req.rid for req in batch.reqs}
+    if KILLING_BATCH["rids"] is None and rids:
+        KILLING_BATCH["rids"] = sorted(rids)
+        with open(_marker(protector.instance_id, "killing-batch", protector.rank), "w") as f:
+            json.dump(KILLING_BATCH, f)
+    if rids & set(KILLING_BATCH["rids"] or ()):
+        AT_MOMENT["how"] = KILLING_BATCH["how"]
+        _end(protector.rank, "forward")
+
+
 def check_replacement(instance_id: str, rank: int) -> None:
-    """In a replacement rank at start-up: fail if a drill asked for it (once)."""
-    marker = _fail_marker(instance_id, rank)
+    """In a replacement rank at start-up: fail if a drill asked for it (once); take over a
+    ``kill-rank --at batch`` drill of the rank it replaces."""
+    marker = _marker(instance_id, "fail-replacement", rank)
     if os.path.exists(marker):
         os.unlink(marker)
         raise DrillError(f"ghostserve drill: the replacement of TP rank {rank} fails at start-up "
                          "(kill-rank --fail-replacement)")
+    with contextlib.suppress(FileNotFoundError), open(_marker(instance_id, "killing-batch", rank)) as f:
+        KILLING_BATCH.update(json.load(f))
 
 
-def _fail_marker(instance_id: str, rank: int) -> str:
+def remove_markers(instance_id: str) -> None:
+    """What the drills left in shared memory (the server is stopping)."""
+    for path in glob.glob(_marker(instance_id, "*", "*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _marker(instance_id: str, drill: str, rank) -> str:
     from ..store.segment import SHM_DIR  # here: the ``ghostserve`` command reads HOWS without torch
 
-    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-drill-fail-replacement-rank{rank}")
+    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-drill-{drill}-rank{rank}")

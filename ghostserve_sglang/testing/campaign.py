@@ -34,7 +34,7 @@ def process_fault_mix() -> list[tuple[list[int], int]]:
     return request_mix(random.Random(20), requests=7) + [LONG_PROMPT]
 
 
-def _generate_all(server: Server, mix, pool, first: int = 0) -> list:
+def submit_mix(server: Server, mix, pool, first: int = 0) -> list:
     """Every other request is streamed (a stream that misses an output shows it in its last event);
     ``first`` is the index of ``mix[0]`` in the whole mix."""
     return [pool.submit(server.generate, ids, new, stream=(first + i) % 2 == 1)
@@ -44,7 +44,7 @@ def _generate_all(server: Server, mix, pool, first: int = 0) -> list:
 def generate_mix(server: Server, mix) -> list[list[int]]:
     """Every request of ``mix`` at once; their output ids in order."""
     with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
-        return [f.result()["output_ids"] for f in _generate_all(server, mix, pool)]
+        return [f.result()["output_ids"] for f in submit_mix(server, mix, pool)]
 
 
 def fault_free(server: Server, mix) -> list[list[int]]:
@@ -113,7 +113,7 @@ def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", aft
     server.post("/flush_cache")
     before = server.control("status")["ranks"]
     with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
-        futures = _generate_all(server, mix[:len(mix) - late], pool)
+        futures = submit_mix(server, mix[:len(mix) - late], pool)
         while server.control("status")["ranks"][0]["step"] < before[0]["step"] + after_steps:
             time.sleep(0.005)
         running = sum(not f.done() for f in futures)
@@ -128,7 +128,7 @@ def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", aft
                         raise
             else:
                 os.kill(before[rank]["pid"], getattr(signal, f"SIG{how}"))
-        futures += _generate_all(server, mix[len(mix) - late:], pool, first=len(mix) - late)
+        futures += submit_mix(server, mix[len(mix) - late:], pool, first=len(mix) - late)
         if second is not None:
             time.sleep(second[1])
             os.kill(before[second[0]]["pid"], signal.SIGKILL)
@@ -170,7 +170,7 @@ def run_trial(server: Server, seed: int, ranks: int, lose: int = 1, drills=(),
     server.post("/flush_cache")
     with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
         start = server.control("status")["ranks"][0]["step"]
-        futures = _generate_all(server, mix, pool)
+        futures = submit_mix(server, mix, pool)
         pending = sorted([*drills, (after_steps, None)], key=lambda d: d[0])
         for steps, drill in pending:
             while server.control("status")["ranks"][0]["step"] < start + steps:

@@ -60,10 +60,10 @@ def ordered_all_reduce(wrapped, instance, args, kwargs):
     """``GroupCoordinator.all_reduce`` on CPU with more than two ranks: gather every rank's part and add
     them in rank order, in place, as SGLang's CPU path does; the sum then depends on the element alone,
     not on the batch around it. With any number of ranks the rank is stamped as waiting in a
-    collective meanwhile (``liveness``)."""
+    collective meanwhile (``liveness``), from the moment it calls in."""
     part = args[0] if args else kwargs["input_"]
+    process_drills.hang_here("collective")  # a rank that never hands its part over: its peers wait
     with liveness.collective():  # the rank waits for its peers here (a hung peer's victims do)
-        process_drills.hang_here("collective")
         if instance.world_size <= 2 or not part.is_cpu:
             return wrapped(*args, **kwargs)
         parts = [torch.empty_like(part) for _ in range(instance.world_size)]

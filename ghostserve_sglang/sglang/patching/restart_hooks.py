@@ -42,17 +42,22 @@ def broadcast_reqs(wrapped, instance, args, kwargs):
 def run_batch(wrapped, instance, args, kwargs):
     """``Scheduler.run_batch``: on a peer's death during the batch, hold, then roll the batch back."""
     counters = (instance.forward_ct, instance.processed_tokens_counter)
+    batch = args[0] if args else kwargs["batch"]
     liveness.enter(liveness.FORWARD)
     try:
+        if STATE.protector is not None and STATE.protector.settings.enable_fault_injection:
+            drills.in_batch(STATE.protector, batch)
         result = wrapped(*args, **kwargs)
         liveness.enter(liveness.OUTPUT)
+        if rejoin.MEMBERS.suspects is not None:
+            rejoin.batch_ran(batch)
         return result
     except Exception as exc:
         protector = _holding_protector(exc)
         if protector is None:
             raise
         instance.forward_ct, instance.processed_tokens_counter = counters
-        rejoin.hold(instance, protector, exc, "run_batch", args[0] if args else kwargs["batch"])
+        rejoin.hold(instance, protector, exc, "run_batch", batch)
         return rejoin.ABANDONED
 
 

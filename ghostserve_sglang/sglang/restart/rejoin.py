@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ...drills import process as drills
 from ..protection.collectives import peer_lost
-from . import handover, liveness, membership, snapshot
+from . import handover, liveness, membership, policy, snapshot
 from .regroup import Transcript
 
 log = structlog.get_logger("ghostserve.rejoin")
@@ -43,6 +43,7 @@ class Membership:
     transcript: Transcript = dataclasses.field(default_factory=Transcript)
     restarts: dict = dataclasses.field(default_factory=dict)  # tp rank -> replacements seen
     broadcasts: int = 0  # request broadcasts this rank completed (how far it got)
+    suspects: policy.Suspects | None = None  # the last death in a forward, until its batch ran (policy)
 
 
 MEMBERS = Membership()
@@ -139,7 +140,7 @@ def _transfer(scheduler, protector, lost: list[int], phase: str | None, batch, p
     data = None
     if tp.rank_in_group == source:
         data = snapshot.take(scheduler, {"step": protector.step, "phase": phase, "restarts": MEMBERS.restarts,
-                                         "broadcasts": MEMBERS.broadcasts,
+                                         "broadcasts": MEMBERS.broadcasts, "suspects": MEMBERS.suspects,
                                          "written": protector.written.cpu()})
     data = _broadcast(data, source, tp)
     loads = mine != every[source]
@@ -148,7 +149,7 @@ def _transfer(scheduler, protector, lost: list[int], phase: str | None, batch, p
         extra = snapshot.load(scheduler, data)
         protector.step, MEMBERS.restarts = extra["step"], extra["restarts"]
         protector.written.copy_(extra["written"])
-        MEMBERS.broadcasts = extra["broadcasts"]
+        MEMBERS.broadcasts, MEMBERS.suspects = extra["broadcasts"], extra["suspects"]
         phase, batch = extra["phase"], scheduler.cur_batch_for_debug
         if interrupted is not None:  # SGLang's loop makes its own (now stale) batch the last one
             _stand_in(scheduler, interrupted, scheduler.last_batch if phase == "ingest" else batch)
@@ -189,6 +190,9 @@ def _settle(scheduler, protector, lost: list[int], phase: str, batch, phases: di
     dist.all_gather_object(every, phases, group=tp.cpu_group)
     phases = {name: max(p.get(name, 0.0) for p in every) for name in PHASES if any(name in p for p in every)}
     protector.resume_after_rejoin()
+    killed = {req.rid for req in batch.reqs} if phase == "run_batch" and batch is not None else set()
+    ended = policy.implicated(MEMBERS.suspects, lost, killed)
+    MEMBERS.suspects = policy.Suspects(tuple(lost), frozenset(killed)) if killed and not ended else None
     if phase == "run_batch":
         # The batch being formed already merged the previous one into the running batch; the
         # retraction takes back the running batch and, if it is a new prefill batch, this one.
@@ -197,8 +201,26 @@ def _settle(scheduler, protector, lost: list[int], phase: str, batch, phases: di
     result = protector.recover(scheduler, lost, retract=phase == "run_batch", restart_phases=phases)
     if phase == "run_batch" and batch is not None:
         batch.filter_batch(keep_indices=[])
+    _end_requests(scheduler, ended, policy.cause(lost))
     log.info("rank replaced", rank=protector.rank, step=protector.step, lost_ranks=lost, phase=phase,
              state_bytes=state_bytes, outcome=result["outcome"], generation=MEMBERS.generation)
+
+
+def _end_requests(scheduler, rids: list[str], reason: str) -> None:
+    """Answer ``rids`` (back in the waiting queue after the rollback) with an error, through SGLang's own
+    abort; every rank ends the same ones."""
+    from sglang.srt.managers.io_struct import AbortReq
+
+    for rid in rids:
+        log.error("request ended: its batch killed a rank twice", rid=rid, reason=reason)
+        scheduler.abort_request(AbortReq(rid=rid, abort_message=reason, finished_reason={
+            "type": "abort", "status_code": 500, "message": reason}))
+
+
+def batch_ran(batch) -> None:
+    """A forward completed: a batch that holds the suspects' requests no longer kills (policy)."""
+    if MEMBERS.suspects is not None and any(req.rid in MEMBERS.suspects.rids for req in batch.reqs):
+        MEMBERS.suspects = None
 
 
 def _tp_group():

@@ -37,6 +37,7 @@ import time
 import structlog
 
 from . import handover, journal, liveness, membership
+from .policy import RestartPolicy
 
 log = structlog.get_logger("ghostserve.supervisor")
 
@@ -72,6 +73,8 @@ class Supervisor:
         self.generation = 0
         self.started_at = 0.0  # when the scheduler processes were adopted (wall clock)
         self.restarts: dict[int, int] = {}
+        self.policy = RestartPolicy()
+        self.replaced_at: dict[int, list[float]] = {}  # tp rank -> when its replacements started
         self.stuck: set[int] = set()  # pids ended for not reaching a rendezvous
         self.deaths = 0
         self.serving = False  # every scheduler reported ready at start
@@ -82,12 +85,12 @@ class Supervisor:
         self._stop_lock = threading.Lock()
 
     def configure(self, clean_up, instance_id: str = "", rejoin_timeout_s: float = 0.0,
-                  hang_timeout_s: float = 0.0) -> None:
+                  hang_timeout_s: float = 0.0, policy: RestartPolicy | None = None) -> None:
         """``clean_up`` removes what a stopped server leaves (host segments, control socket); with a
-        ``rejoin_timeout_s``, a dead rank is replaced (it must rejoin within that time), and with a
-        ``hang_timeout_s`` a hung one too."""
+        ``rejoin_timeout_s``, a dead rank is replaced (it must rejoin within that time) as often as
+        ``policy`` allows, and with a ``hang_timeout_s`` a hung one too."""
         self.clean_up, self.instance_id, self.rejoin_timeout_s = clean_up, instance_id, rejoin_timeout_s
-        self.hang_timeout_s = hang_timeout_s
+        self.hang_timeout_s, self.policy = hang_timeout_s, policy or RestartPolicy()
 
     # -- wiring, from the main-process wrappers -----------------------------------------------------
     def adopt(self, processes: list) -> None:
@@ -186,7 +189,17 @@ class Supervisor:
         cause = self._describe(dead)
         if not self.rejoin_timeout_s:
             self.fail_stop(f"{cause}; the server cannot continue without it")
+        self._refuse_crash_loop([r for r, _ in dead], cause)
         self._replace(sorted(r for r, _ in dead), cause)
+
+    def _refuse_crash_loop(self, ranks: list[int], cause: str) -> None:
+        """Fail stop instead of replacing a rank the restart policy says has died too often."""
+        now = time.monotonic()
+        for rank in ranks:
+            refused = self.policy.refusal(rank, self.replaced_at.get(rank, []), now)
+            if refused:
+                self.fail_stop(f"{cause}; {refused}")
+            self.replaced_at.setdefault(rank, []).append(now)
 
     def _replace(self, ranks: list[int], cause: str) -> None:
         """Start a replacement for each of ``ranks`` and wait until they have joined. If another rank
