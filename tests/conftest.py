@@ -35,6 +35,12 @@ SHARED_SERVERS = {
     "rs3": dict(tp_size=3, ghost_args=["--ghost-code", "rs", "--ghost-parity-shards", "2", *FAULTS],
                 extra=CHUNKS, model="tiny-llama-gqa"),
     "off2": dict(tp_size=2, ghost_args=["--ghost-code", "off"], extra=CHUNKS),
+    # metrics and JSON logs (test_observability), then a crash loop that ends it (test_rank_crash_loop)
+    "metrics2": dict(tp_size=2, ghost_args=["--ghost-code", "xor", "--ghost-enable-fault-injection", "1",
+                                            "--ghost-strict", "1", "--ghost-log-format", "json",
+                                            "--ghost-rejoin-timeout-seconds", "240",
+                                            "--ghost-max-restarts", "2"],
+                     extra=["--enable-metrics", *CHUNKS]),
 }
 
 
@@ -95,7 +101,7 @@ def pytest_runtest_teardown(item, nextitem):
         SHARED.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_servers(tmp_path_factory) -> SharedServers:
     """For a test that needs another kind too (mark it ``shared_server_last``)."""
     if SHARED.log_dir is None:

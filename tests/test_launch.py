@@ -94,8 +94,8 @@ def test_a_parity_store_larger_than_dev_shm_is_refused_at_start_in_one_line():
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GHOSTSERVE_")}
     launcher = subprocess.Popen([sys.executable, "-m", "ghostserve_sglang.launch", *BASE, *CPU_FLAGS[2:],
-                                 "--tp-size", "2", "--port", str(port), "--max-total-tokens", "8192",
-                                 "--ghost-staging-mib", str(too_much)],
+                                 "--tp-size", "1", "--port", str(port), "--max-total-tokens", "8192",
+                                 "--ghost-code", "replicate", "--ghost-staging-mib", str(too_much)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 start_new_session=True)  # its own process group: every child is in it
     stdout, stderr = launcher.communicate(timeout=400)

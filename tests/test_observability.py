@@ -17,19 +17,20 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ghostserve_sglang.testing.campaign import run_trial
-from ghostserve_sglang.testing.local_server import eventually, free_port, launched
+from ghostserve_sglang.testing.local_server import eventually, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((ROOT / "dashboards" / "grafana").glob("*.json"))
 PHASES = {"flush", "read", "exchange", "decode", "scatter"}
 
 
+pytestmark = pytest.mark.shared_server("metrics2")
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    ghost = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1",
-             "--ghost-log-format", "json"]
-    with launched(2, ghost, ["--enable-metrics"], log_dir=str(tmp_path_factory.mktemp("obs"))) as s:
-        yield s
+def server(shared_servers):
+    """The shared server with --enable-metrics and JSON logs (test_rank_crash_loop ends it later)."""
+    return shared_servers.get("metrics2")
 
 
 @pytest.fixture(scope="module")

@@ -211,8 +211,9 @@ def _end_requests(scheduler, rids: list[str], reason: str) -> None:
     abort; every rank ends the same ones."""
     from sglang.srt.managers.io_struct import AbortReq
 
+    if rids:
+        log.error("requests ended: their batch killed a rank twice", rids=rids, reason=reason)
     for rid in rids:
-        log.error("request ended: its batch killed a rank twice", rid=rid, reason=reason)
         scheduler.abort_request(AbortReq(rid=rid, abort_message=reason, finished_reason={
             "type": "abort", "status_code": 500, "message": reason}))
 

@@ -44,7 +44,7 @@ log = structlog.get_logger("ghostserve.supervisor")
 POLL_SECONDS = 0.2
 FAIL_STOP_GRACE_SECONDS = 1.0  # lets the error responses reach their clients
 REPORT_WAIT_SECONDS = 60.0
-STRAGGLER_SECONDS = 20.0  # a survivor reaches the rendezvous within a second or two of the announcement
+STRAGGLER_SECONDS = 10.0  # a survivor reaches the rendezvous within a second or two of the announcement
 EVENT_LOOP_TIMEOUT_SECONDS = 30.0  # how long a scheduler that reported a failure (SIGQUIT) may take to exit
 FENCE_SECONDS = 10.0  # how long a hung rank ended with SIGKILL may take to exit (uninterruptible sleep)
 
