@@ -175,8 +175,8 @@ def kill_campaign(args) -> None:
     hangs = [t for t in kills if t.moment == "hang"]
     if hangs:
         detect = [t.restart["phases"].get("hang_detect_seconds", 0.0) for t in hangs]
-        restart = [t.restart["seconds"] for t in hangs]
-        total = [d + r for d, r in zip(detect, restart)]
+        total = [t.restart["seconds"] for t in hangs]  # the restart's phases include the detection
+        restart = [t - d for t, d in zip(total, detect)]
 
         def p50_p99(values: list[float]) -> str:
             return f"p50 {percentile(values, 50):.2f} s, p99 {percentile(values, 99):.2f} s"
@@ -186,6 +186,7 @@ def kill_campaign(args) -> None:
               f"wrong tokens {sum(t.wrong_tokens for t in hangs)}")
         print(f"hang detected (stamp age when found) {p50_p99(detect)}; replaced after it "
               f"{p50_p99(restart)}; hang to serving again {p50_p99(total)}")
+
 
 if __name__ == "__main__":
     main()
