@@ -28,7 +28,7 @@ from .sglang.patching import compatibility, cpu_compat, refusal
 from .sglang.patching.patches import MAIN_PATCHER, PatchError, check_supported, load_spec
 from .sglang.restart import liveness, membership
 from .sglang.restart.policy import RestartPolicy
-from .sglang.restart.supervisor import SUPERVISOR
+from .sglang.restart.supervisor import SUPERVISOR, remove_orphaned_semaphores
 from .store import remove_orphans
 
 # What a dead rank's replacement needs from every scheduler process (docs/rank-restart.md): the launcher
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     if chosen.enabled:
         SUPERVISOR.configure(lambda: _clean_up(instance_id), instance_id, chosen.rejoin_timeout_seconds,
                              chosen.hang_timeout_seconds,
-                             RestartPolicy(chosen.max_restarts, chosen.restart_period_seconds))
+                             RestartPolicy(chosen.max_restarts, chosen.restart_period_seconds),
+                             chosen.standby if server_args.tp_size > 1 else 0)
         try:
             MAIN_PATCHER.install(allow_unsupported=chosen.allow_unsupported_sglang)
         except PatchError as exc:
@@ -201,6 +202,8 @@ def _clean_up(instance_id: str) -> None:
     with _CLEAN_UP_LOCK:
         for path in remove_orphans(instance_id):
             print(f"ghostserve: removed {path}", file=sys.stderr)
+        if SUPERVISOR.started_at:  # the semaphores of scheduler processes that were killed
+            remove_orphaned_semaphores(SUPERVISOR.started_at)
         membership.remove(instance_id)
         liveness.remove(instance_id)
         refusal.take(instance_id)

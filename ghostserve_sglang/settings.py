@@ -88,6 +88,9 @@ OPTIONS = (
     Option("hang_timeout_seconds", float, 10.0, "how long a TP rank may stay in one phase while another "
            "waits for it in a collective before it counts as hung and is ended and replaced; 0: never",
            unit="s"),
+    Option("standby", int, 1, "scheduler processes kept started, with torch and SGLang imported, to "
+           "replace a dead or hung TP rank in seconds (TP >= 2); more deaths at once than standbys start "
+           "the rest cold; 0: none"),
     Option("max_restarts", int, 3, "how many times one TP rank may be replaced within "
            "--ghost-restart-period-seconds; its next death in that period stops the server (a crash "
            "loop); 0: no limit"),
@@ -120,6 +123,7 @@ class Settings:
     recompute_below_tokens: int
     rejoin_timeout_seconds: float
     hang_timeout_seconds: float
+    standby: int
     max_restarts: int
     restart_period_seconds: float
     log_format: str
@@ -146,6 +150,8 @@ class Settings:
         if not self.hang_timeout_seconds >= 0:
             raise SettingsError(f"--ghost-hang-timeout-seconds={self.hang_timeout_seconds} is not "
                                 "allowed; it must be >= 0 (0: hangs are not looked for)")
+        if self.standby < 0:
+            raise SettingsError(f"--ghost-standby={self.standby} is not allowed; it must be >= 0 (0: none)")
         if self.max_restarts < 0:
             raise SettingsError(f"--ghost-max-restarts={self.max_restarts} is not allowed; it must be "
                                 ">= 0 (0: no limit)")

@@ -7,6 +7,7 @@ deaths than parity covers (TP=3, xor), the lost KV is recomputed instead and no 
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import os
 import random
 import re
@@ -14,11 +15,12 @@ import signal
 import time
 import urllib.error
 
+import psutil
 import pytest
 
 from ghostserve_sglang.control import ControlError
 from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial
-from ghostserve_sglang.testing.local_server import launched
+from ghostserve_sglang.testing.local_server import eventually, launched
 
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1"]
 
@@ -111,14 +113,45 @@ def test_a_killed_process_semaphore_is_removed_and_a_live_one_kept():
     assert remove_orphaned_semaphores(since) == [os.path.basename(path)] and not os.path.exists(path)
 
 
-def test_more_deaths_than_parity_covers_are_recomputed_never_wrong(tmp_path):
+@pytest.fixture(scope="module")
+def xor3(tmp_path_factory):
+    """TP=3 xor; the semaphores in /dev/shm before it started (the last test stops it)."""
+    semaphores = set(glob.glob("/dev/shm/sem.mp-*"))
+    ghost = [*GHOST, "--ghost-rejoin-timeout-seconds", "240"]
+    with launched(3, ghost, ["--chunked-prefill-size", "128"], log_dir=str(tmp_path_factory.mktemp("xor3")),
+                  model="tiny-llama-gqa") as server:
+        yield server, semaphores
+
+
+def test_more_deaths_than_parity_covers_are_recomputed_never_wrong(xor3):
     """xor covers one lost rank: a second death during the replacement leaves the lost KV to be
     recomputed from the tokens, and the outputs are still those of a run without the fault."""
-    ghost = [*GHOST, "--ghost-rejoin-timeout-seconds", "240"]
-    with launched(3, ghost, ["--chunked-prefill-size", "128"], log_dir=str(tmp_path),
-                  model="tiny-llama-gqa") as server:
-        mix = request_mix(random.Random(34), requests=7) + [LONG_PROMPT]
-        trial = run_kill_trial(server, 34, ranks=[2], how="KILL", after_steps=10, mix=mix, second=(1, 3.0))
+    server, _ = xor3
+    mix = request_mix(random.Random(34), requests=7) + [LONG_PROMPT]
+    trial = run_kill_trial(server, 34, ranks=[2], how="KILL", after_steps=10, mix=mix, second=(1, 3.0))
     assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
     assert trial.restart["lost_ranks"] == [1, 2] and trial.restart["outcome"] == "recomputed", trial.restart
     assert trial.restart["slots_rebuilt"] == 0 and trial.restart["slots_recomputed"] > 0
+
+
+def test_ctrl_c_after_replacements_leaves_no_file_semaphore_or_process(xor3):
+    """SIGINT to the launcher alone (Ctrl-C in its terminal), after ranks 1 and 2 were replaced (the
+    test above) and a standby started: every file the server made in /dev/shm, every semaphore, and
+    every process are gone."""
+    server, semaphores = xor3
+    assert all(rank["restarts"] == 1 for rank in server.control("status")["ranks"][1:])
+    processes = psutil.Process(server.process.pid).children(recursive=True)
+    assert any("standby process started" in line for line in server.log().splitlines())
+    server.process.send_signal(signal.SIGINT)
+    server.process.wait(timeout=120)
+
+    def nothing_left() -> bool:
+        files = [n for n in os.listdir("/dev/shm") if n.startswith(f"ghostserve-{server.port}")]
+        assert not files, files
+        made = set(glob.glob("/dev/shm/sem.mp-*")) - semaphores
+        assert not made, made
+        running = [p.pid for p in processes if alive(p.pid)]
+        assert not running, running
+        return True
+
+    eventually(nothing_left, timeout_s=30)

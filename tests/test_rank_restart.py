@@ -54,9 +54,13 @@ def healthy_within(server, seconds: float) -> float:
     ("ERROR", 4, 10),  # the rank's forward raises; SGLang ends the process
 ])
 def test_a_dead_rank_is_replaced_and_every_request_finishes_unchanged(server, how, seed, after_steps):
+    """Each death is replaced from the standby, itself replaced after the previous replacement."""
     before = status_json(server)["ranks"]
     mix = process_fault_mix()
+    log_before = len(server.log())
     trial = run_kill_trial(server, seed, ranks=[1], how=how, after_steps=after_steps, mix=mix)
+    log = server.log()[log_before:]
+    assert "replacing rank" in log and "standby=True" in log and "standby=False" not in log
     assert trial.running_at_kill >= 4, trial  # the death landed while requests were decoding
     assert trial.lost_requests == 0 and trial.wrong_tokens == 0, trial
     healthy_within(server, 30)

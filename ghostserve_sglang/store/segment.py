@@ -97,6 +97,7 @@ def check_space(geometry: StoreGeometry, ring_entries: int, directory: str = SHM
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (ended, not yet reaped by its parent) does not."""
     if pid <= 0:
         return False
     try:
@@ -105,7 +106,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 @dataclasses.dataclass

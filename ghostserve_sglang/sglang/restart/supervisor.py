@@ -26,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import glob
-import multiprocessing
 import os
 import signal
 import socket
@@ -36,8 +35,9 @@ import time
 
 import structlog
 
-from . import handover, journal, liveness, membership
+from . import journal, liveness, membership
 from .policy import RestartPolicy
+from .standby import Standbys
 
 log = structlog.get_logger("ghostserve.supervisor")
 
@@ -75,6 +75,7 @@ class Supervisor:
         self.restarts: dict[int, int] = {}
         self.policy = RestartPolicy()
         self.replaced_at: dict[int, list[float]] = {}  # tp rank -> when its replacements started
+        self.standbys = Standbys()
         self.stuck: set[int] = set()  # pids ended for not reaching a rendezvous
         self.deaths = 0
         self.serving = False  # every scheduler reported ready at start
@@ -85,12 +86,15 @@ class Supervisor:
         self._stop_lock = threading.Lock()
 
     def configure(self, clean_up, instance_id: str = "", rejoin_timeout_s: float = 0.0,
-                  hang_timeout_s: float = 0.0, policy: RestartPolicy | None = None) -> None:
+                  hang_timeout_s: float = 0.0, policy: RestartPolicy | None = None,
+                  standbys: int = 0) -> None:
         """``clean_up`` removes what a stopped server leaves (host segments, control socket); with a
         ``rejoin_timeout_s``, a dead rank is replaced (it must rejoin within that time) as often as
-        ``policy`` allows, and with a ``hang_timeout_s`` a hung one too."""
+        ``policy`` allows, from one of ``standbys`` warm processes while there is one, and with a
+        ``hang_timeout_s`` a hung one too."""
         self.clean_up, self.instance_id, self.rejoin_timeout_s = clean_up, instance_id, rejoin_timeout_s
         self.hang_timeout_s, self.policy = hang_timeout_s, policy or RestartPolicy()
+        self.standbys = Standbys(standbys if rejoin_timeout_s else 0)
 
     # -- wiring, from the main-process wrappers -----------------------------------------------------
     def adopt(self, processes: list) -> None:
@@ -122,6 +126,8 @@ class Supervisor:
                 self._on_death(self._dead())  # deaths within the shutdown check's wait count as one
             elif self.serving and self.hang_timeout_s and self.rejoin_timeout_s:
                 self._check_hangs()
+            if self.serving and not self.replacing and not self.stopping.is_set():
+                self.standbys.keep()
 
     def _check_hangs(self) -> None:
         """End the ranks ``liveness.judge`` finds hung (SIGKILL: a stopped or stuck process runs no
@@ -247,25 +253,19 @@ class Supervisor:
     def _spawn(self, rank: int, port: int) -> tuple:
         """A replacement process for ``rank``, started; with its ready pipe (and rank 0's question
         pipe: its replacement asks the main process what the clients have received, see handover)."""
-        reader, writer = multiprocessing.Pipe(duplex=False)
-        questions, their_end = multiprocessing.Pipe() if rank == 0 else (None, None)
         target, server_args, port_args = self.launch
         gpu_id = server_args.base_gpu_id + rank * server_args.gpu_id_step  # as SGLang placed it (pp = 1)
-        args = (server_args, port_args, gpu_id, rank, 0, None, writer)
+        args = (server_args, port_args, gpu_id, rank, 0, None)  # and the ready pipe's writing end
         environment = {membership.REPLACEMENT_ENV: str(self.generation),
                        membership.REPLACEMENT_RANK_ENV: str(rank),
                        "SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE": f"tcp://127.0.0.1:{port}"}
-        replacement = multiprocessing.Process(target=run_replacement,
-                                              args=(environment, target, args, their_end))
-        replacement.start()
-        writer.close()
-        if their_end is not None:
-            their_end.close()
+        (replacement, reader, questions), warm = self.standbys.start(environment, target, args, rank)
         dead, self.processes[rank] = self.processes[rank], replacement
         dead.join(timeout=10)
         with contextlib.suppress(ValueError):  # still running: left to the garbage collector
             dead.close()  # its sentinel descriptor
-        log.warning("replacing rank", rank=rank, pid=replacement.pid, generation=self.generation, port=port)
+        log.warning("replacing rank", rank=rank, pid=replacement.pid, generation=self.generation, port=port,
+                    standby=warm)
         return replacement, reader, questions
 
     def _await_join(self, spawned: dict, deadline: float, cause: str, announced: float) -> list:
@@ -426,10 +426,3 @@ def remove_orphaned_semaphores(since: float, directory: str = "/dev/shm") -> lis
                 removed.append(os.path.basename(path))
     return removed
 
-
-def run_replacement(environment: dict, target, args: tuple, questions=None) -> None:
-    """A replacement scheduler process: SGLang's own entry point, told which generation it joins
-    (rank 0's also gets a pipe for its questions to the main process)."""
-    os.environ.update(environment)
-    handover.CHANNEL = questions
-    target(*args)
