@@ -180,13 +180,14 @@ def test_plain_sglang_launch_server_refuses_what_the_launcher_would(model, env, 
 
 
 @pytest.mark.parametrize("extra, logged, kill", [
-    # A page's later slots are allocated before they hold KV; a replacement receives the paged allocator.
-    (["--page-size", "16", "--chunked-prefill-size", "128"], ["'page_size': 16"], True),
+    # A page's later slots are allocated before they hold KV; a replacement receives the paged allocator;
+    # the pool keeps fp8 KV as bytes.
+    (["--page-size", "16", "--kv-cache-dtype", "fp8_e4m3", "--chunked-prefill-size", "128"],
+     ["'page_size': 16", "'kv_cache_dtype': 'fp8_e4m3'", "KV Cache is allocated. dtype: torch.float8_e4m3fn"],
+     True),
     (["--disable-radix-cache", "--chunked-prefill-size", "-1"],
      ["'disable_radix_cache': True", "'chunked_prefill_size': -1"], False),
-    (["--kv-cache-dtype", "fp8_e4m3", "--chunked-prefill-size", "128"],
-     ["'kv_cache_dtype': 'fp8_e4m3'", "KV Cache is allocated. dtype: torch.float8_e4m3fn"], False),
-], ids=["page-size-16", "radix-and-chunked-prefill-off", "kv-cache-dtype-fp8_e4m3"])
+], ids=["page-size-16-and-kv-cache-dtype-fp8_e4m3", "radix-and-chunked-prefill-off"])
 def test_protected_a_fault_is_rebuilt_and_every_token_unchanged(extra, logged, kill, tmp_path):
     during = []  # a scrub while the requests decode, before the fault
     with launched(2, GHOST, extra, log_dir=str(tmp_path)) as server:

@@ -85,7 +85,9 @@ def test_a_long_forward_below_the_hang_timeout_is_work_not_a_hang(tmp_path):
     chunked prefill off; about 0.5 s on a 2-core machine): every rank computes, nobody waits long in a
     collective, no rank is ended."""
     timeout = 0.2
-    ghost = ["--ghost-code", "xor", "--ghost-hang-timeout-seconds", str(timeout)]
+    # No standby: on 2 cores its imports would compete with the ranks, and one rank descheduled for
+    # longer than 0.2 s while the other waits in an all-reduce is a stall by this rule.
+    ghost = ["--ghost-code", "xor", "--ghost-hang-timeout-seconds", str(timeout), "--ghost-standby", "0"]
     with launched(2, ghost, ["--chunked-prefill-size", "-1"], log_dir=str(tmp_path)) as server:
         pids = [r["pid"] for r in server.control("status")["ranks"]]
         prompt = [(13 * i) % 997 + 3 for i in range(7000)]

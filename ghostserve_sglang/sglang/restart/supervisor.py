@@ -126,8 +126,8 @@ class Supervisor:
                 self._on_death(self._dead())  # deaths within the shutdown check's wait count as one
             elif self.serving and self.hang_timeout_s and self.rejoin_timeout_s:
                 self._check_hangs()
-            if self.serving and not self.replacing and not self.stopping.is_set():
-                self.standbys.keep()
+            if self.serving and not self.replacing and not self.stopping.is_set() and self._up():
+                self.standbys.keep()  # from the end of SGLang's warm-up on: not beside the first forwards
 
     def _check_hangs(self) -> None:
         """End the ranks ``liveness.judge`` finds hung (SIGKILL: a stopped or stuck process runs no
@@ -155,6 +155,12 @@ class Supervisor:
             self.hung[process.pid] = (what, now, stamp.age)
             self._set_health(False)
             process.kill()
+
+    def _up(self) -> bool:
+        """Whether SGLang reports the server up (its warm-up done; no replacement under way)."""
+        from sglang.srt.managers.tokenizer_manager import ServerStatus
+
+        return getattr(self.tokenizer_manager, "server_status", None) == ServerStatus.Up
 
     def _set_health(self, up: bool) -> None:
         """``/health`` and ``/ready`` answer 503 while ``up`` is False (SGLang's own start-up state)."""
