@@ -25,7 +25,7 @@ from . import handover
 log = structlog.get_logger("ghostserve.standby")
 
 # What a scheduler process imports before it can start: SGLang's scheduler and model runner (and with
-# them torch and GhostServe's plugin). The model's own module is imported when its weights load.
+# them torch), then SGLang's model registry, which imports every model module (about 1.4 s on one core).
 PRELOAD = ("sglang.srt.managers.scheduler", "sglang.srt.model_executor.model_runner")
 
 
@@ -54,6 +54,9 @@ def _wait_as_standby(control, writer, their_end) -> None:
     """A standby process: import, say so, then wait for the rank it becomes (EOF: the server is gone)."""
     for name in PRELOAD:
         importlib.import_module(name)
+    from sglang.srt.models.registry import ModelRegistry
+
+    ModelRegistry.get_supported_archs()  # imported once per process, kept for the model load
     with contextlib.suppress(OSError):  # taken before it was warm: the work is in the pipe already
         control.send("warm")
     try:
