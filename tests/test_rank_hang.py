@@ -27,21 +27,27 @@ def server(shared_server):
 
 
 class HealthWatch:
-    """``/health`` polled in the background: the status codes seen, in order."""
+    """``/health`` asked every 0.25 s in the background, whether or not earlier asks have answered (one
+    stalled with the server does not hide a 503 meanwhile): the status codes seen, in order."""
 
     def __init__(self, url: str) -> None:
         self.url, self.codes, self.stop = url, [], threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.probes: list[threading.Thread] = []
 
     def _poll(self) -> None:
         while not self.stop.wait(0.25):
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    self.codes.append(response.status)
-            except urllib.error.HTTPError as exc:
-                self.codes.append(exc.code)
-            except OSError:
-                self.codes.append(None)  # no answer within 2 s
+            self.probes.append(threading.Thread(target=self._probe, daemon=True))
+            self.probes[-1].start()
+
+    def _probe(self) -> None:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                self.codes.append(response.status)
+        except urllib.error.HTTPError as exc:
+            self.codes.append(exc.code)
+        except OSError:
+            self.codes.append(None)  # no answer within 2 s
 
     def __enter__(self):
         self.thread.start()
@@ -50,6 +56,8 @@ class HealthWatch:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+        for probe in self.probes:
+            probe.join()
 
 
 @pytest.mark.parametrize("rank, seed", [(1, 41), (0, 42)])
