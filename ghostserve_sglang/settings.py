@@ -101,6 +101,19 @@ OPTIONS = (
 )
 _KINDS = {int: "an integer", float: "a number", str: "text"}
 _BY_NAME = {option.name: option for option in OPTIONS}
+# The numeric settings' lower bounds: (name, (">" or ">=", bound), what the bound means).
+_LOWER_BOUNDS = (
+    ("parity_shards", (">=", 1), ""),
+    ("staging_mib", (">=", 1), ""),
+    ("capture_queue_mib", (">=", 0), " (0: sized from the KV pool)"),
+    ("recompute_below_tokens", (">=", 0), ""),
+    ("rejoin_timeout_seconds", (">", 0), ""),
+    ("hang_timeout_seconds", (">=", 0), " (0: hangs are not looked for)"),
+    ("standby", (">=", 0), " (0: none)"),
+    ("max_restarts", (">=", 0), " (0: no limit)"),
+    ("restart_period_seconds", (">", 0), ""),
+    ("stall_timeout_seconds", (">=", 0), ""),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,33 +147,11 @@ class Settings:
             if option.choices and value not in option.choices:
                 raise SettingsError(f"{option.flag}={value} is not allowed; allowed: "
                                     f"{', '.join(option.choices)}")
-        if self.parity_shards < 1:
-            raise SettingsError(f"--ghost-parity-shards={self.parity_shards} is not allowed; it must be >= 1")
-        if self.staging_mib < 1:
-            raise SettingsError(f"--ghost-staging-mib={self.staging_mib} is not allowed; it must be >= 1")
-        if self.capture_queue_mib < 0:
-            raise SettingsError(f"--ghost-capture-queue-mib={self.capture_queue_mib} is not allowed; it "
-                                "must be >= 0 (0: sized from the KV pool)")
-        if self.recompute_below_tokens < 0:
-            raise SettingsError(f"--ghost-recompute-below-tokens={self.recompute_below_tokens} is not "
-                                "allowed; it must be >= 0")
-        if not self.rejoin_timeout_seconds > 0:
-            raise SettingsError(f"--ghost-rejoin-timeout-seconds={self.rejoin_timeout_seconds} is not "
-                                "allowed; it must be > 0")
-        if not self.hang_timeout_seconds >= 0:
-            raise SettingsError(f"--ghost-hang-timeout-seconds={self.hang_timeout_seconds} is not "
-                                "allowed; it must be >= 0 (0: hangs are not looked for)")
-        if self.standby < 0:
-            raise SettingsError(f"--ghost-standby={self.standby} is not allowed; it must be >= 0 (0: none)")
-        if self.max_restarts < 0:
-            raise SettingsError(f"--ghost-max-restarts={self.max_restarts} is not allowed; it must be "
-                                ">= 0 (0: no limit)")
-        if not self.restart_period_seconds > 0:
-            raise SettingsError(f"--ghost-restart-period-seconds={self.restart_period_seconds} is not "
-                                "allowed; it must be > 0")
-        if not self.stall_timeout_seconds >= 0:
-            raise SettingsError(f"--ghost-stall-timeout-seconds={self.stall_timeout_seconds} is not "
-                                "allowed; it must be >= 0")
+        for name, bound, note in _LOWER_BOUNDS:
+            value, (op, limit) = getattr(self, name), bound
+            if not (value > limit if op == ">" else value >= limit):
+                raise SettingsError(f"{_BY_NAME[name].flag}={value} is not allowed; it must be {op} {limit}"
+                                    f"{note}")
 
     @property
     def enabled(self) -> bool:
