@@ -17,7 +17,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghostserve_sglang import models  # noqa: E402
-from ghostserve_sglang.testing.campaign import LONG_PROMPT, request_mix, run_kill_trial, run_trial  # noqa: E402
+from ghostserve_sglang.testing.campaign import (  # noqa: E402
+    LONG_PROMPT,
+    await_warm_standbys,
+    request_mix,
+    run_kill_trial,
+    run_trial,
+)
 from ghostserve_sglang.testing.local_server import launched  # noqa: E402
 
 
@@ -43,9 +49,15 @@ def main() -> None:
                         "trials whose ranks hang instead of dying (kill -STOP, or the hang-rank drill in "
                         "the forward, at an all-reduce, or idle)")
     parser.add_argument("--hang-timeout", type=float, default=5.0, help="--ghost-hang-timeout-seconds")
+    parser.add_argument("--standby", type=int, nargs="+", default=[1], help="with --process-kills: "
+                        "--ghost-standby of the server; several values run the same trials on one server "
+                        "each and compare them (with a standby, each trial waits until one is warm)")
     args = parser.parse_args()
     if args.process_kills:
-        return kill_campaign(args)
+        campaigns = {standby: kill_campaign(args, standby) for standby in args.standby}
+        if len(campaigns) > 1:
+            compare_standby(campaigns)
+        return
     trials = []
     with campaign_server(args) as server:
         for i in range(args.trials):
@@ -74,11 +86,12 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def campaign_server(args):
+def campaign_server(args, standby: int = 1):
     """The protected server every trial of a campaign runs against."""
     ghost = ["--ghost-code", args.code, "--ghost-parity-shards", str(args.parity_shards),
              "--ghost-enable-fault-injection", "1", "--ghost-max-restarts", "0",
-             "--ghost-hang-timeout-seconds", str(getattr(args, "hang_timeout", 10.0))]
+             "--ghost-hang-timeout-seconds", str(getattr(args, "hang_timeout", 10.0)),
+             "--ghost-standby", str(standby)]
     with tempfile.TemporaryDirectory() as logs, \
             launched(args.tp, ghost, ["--chunked-prefill-size", "128"], log_dir=logs,
                      model=args.model) as server:
@@ -125,13 +138,14 @@ def hang_trial(server, rng: random.Random, args, seed: int):
     return trial
 
 
-def kill_campaign(args) -> None:
+def kill_campaign(args, standby: int) -> list:
     """Process deaths: each trial kills one or more scheduler processes (at most m at once; rank 0
     included) with a random signal at a random moment; every ``--kv-fault-every``-th trial is an in-place
-    KV fault instead, on the same server."""
+    KV fault instead, on the same server. Returns the process-fault trials."""
     rng = random.Random(args.seed)
     kills, kv = [], []
-    with campaign_server(args) as server:
+    print(f"--ghost-standby {standby}", flush=True)
+    with campaign_server(args, standby) as server:
         for i in range(args.trials):
             seed = args.seed + i
             if args.kv_fault_every and i % args.kv_fault_every == args.kv_fault_every - 1:
@@ -142,14 +156,16 @@ def kill_campaign(args) -> None:
                       f"{trial.wrong_tokens}", flush=True)
                 continue
             make = hang_trial if rng.random() < args.hangs else kill_trial
+            await_warm_standbys(server, standby)
             trial = make(server, rng, args, seed)
             kills.append(trial)
-            restart = trial.restart
+            restart, phases = trial.restart, trial.restart["phases"]
             print(f"trial {i + 1:3d}/{args.trials}: {trial.how} of rank(s) {trial.ranks} at {trial.moment} "
                   f"(step {trial.after_steps}, {trial.running_at_kill} requests running), "
                   f"{restart['outcome']}, "
                   f"{restart['slots_rebuilt']} slots rebuilt / {restart['slots_recomputed']} recomputed, "
-                  f"restart {restart['seconds']:.2f} s; lost requests {trial.lost_requests}, "
+                  f"restart {restart['seconds']:.2f} s (spawn {phases.get('spawn_seconds', 0):.2f}, "
+                  f"join {phases.get('join_seconds', 0):.2f}); lost requests {trial.lost_requests}, "
                   f"wrong tokens {trial.wrong_tokens}, scrub mismatching {trial.scrub['mismatching']} "
                   f"not durable {trial.scrub['not_durable']} {'; '.join(trial.errors)}".rstrip(), flush=True)
     print(f"\ncommand: python benchmarks/fault_campaign.py {' '.join(sys.argv[1:])}".rstrip())
@@ -186,6 +202,23 @@ def kill_campaign(args) -> None:
               f"wrong tokens {sum(t.wrong_tokens for t in hangs)}")
         print(f"hang detected (stamp age when found) {p50_p99(detect)}; replaced after it "
               f"{p50_p99(restart)}; hang to serving again {p50_p99(total)}")
+    return kills
+
+
+def compare_standby(campaigns: dict) -> None:
+    """The same trials with and without standby processes: restart time and phases, p50 and p99."""
+    names = list(dict.fromkeys(n for kills in campaigns.values() for t in kills for n in t.restart["phases"]))
+    shown = [n for n in names if n in ("spawn_seconds", "join_seconds", "state_transfer_seconds")]
+    print("\n| --ghost-standby | trials | lost requests | wrong tokens | restart p50 | p99 | "
+          + " | ".join(f"{n.removesuffix('_seconds')} p50 / p99" for n in shown) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(shown))
+    for standby, kills in campaigns.items():
+        seconds = [t.restart["seconds"] for t in kills]
+        phases = [f"{percentile([t.restart['phases'].get(n, 0) for t in kills], 50):.2f} / "
+                  f"{percentile([t.restart['phases'].get(n, 0) for t in kills], 99):.2f} s" for n in shown]
+        print(f"| {standby} | {len(kills)} | {sum(t.lost_requests for t in kills)} | "
+              f"{sum(t.wrong_tokens for t in kills)} | {percentile(seconds, 50):.2f} s | "
+              f"{percentile(seconds, 99):.2f} s | " + " | ".join(phases) + " |")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ghostserve_sglang.testing.local_server import eventually, launched  # noqa: E402
+from ghostserve_sglang.testing.campaign import await_warm_standbys  # noqa: E402
+from ghostserve_sglang.testing.local_server import launched  # noqa: E402
 
 REQUESTS = 8
 NEW_TOKENS = 96
@@ -63,10 +64,8 @@ def ghostserve_run(context: int, prompts: list[list[int]], logs: str, standby: i
     with launched(2, ghost, log_dir=logs, max_total_tokens=pool_tokens(context)) as server:
         server.generate([5] * 64, 4)  # warm-up
         reference = [server.generate(p, NEW_TOKENS)["output_ids"] for p in prompts]
-        for kill in range(kills):
-            if standby:
-                eventually(lambda done=kill: server.log().count("standby process warm") > done or None,
-                           timeout_s=300, interval_s=0.2)
+        for _ in range(kills):
+            await_warm_standbys(server, standby)
             server.post("/flush_cache")
             runs.append(kill_once(server, prompts, reference))
     seconds = [r["seconds"] for r in runs]

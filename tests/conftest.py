@@ -35,6 +35,8 @@ SHARED_SERVERS = {
     "rs3": dict(tp_size=3, ghost_args=["--ghost-code", "rs", "--ghost-parity-shards", "2", *FAULTS],
                 extra=CHUNKS, model="tiny-llama-gqa"),
     "off2": dict(tp_size=2, ghost_args=["--ghost-code", "off"], extra=CHUNKS),
+    # bfloat16 (test_bf16_tokens), without a small prefill chunk: where a prompt is cut changes its tokens
+    "bf16": dict(tp_size=2, ghost_args=["--ghost-code", "xor", *FAULTS], extra=["--dtype", "bfloat16"]),
     # metrics and JSON logs (test_observability), then a crash loop that ends it (test_rank_crash_loop)
     "metrics2": dict(tp_size=2, ghost_args=["--ghost-code", "xor", "--ghost-enable-fault-injection", "1",
                                             "--ghost-strict", "1", "--ghost-log-format", "json",

@@ -12,7 +12,7 @@ import signal
 import time
 
 from ..control import ControlError
-from .local_server import Server
+from .local_server import Server, eventually
 
 LONG_PROMPT = ([11] * 40 + [(7 * i) % 997 + 3 for i in range(560)], 16)  # 5 chunks at a chunk size of 128
 
@@ -28,10 +28,25 @@ def request_mix(rng: random.Random, requests: int = 8) -> list[tuple[list[int], 
     return mix
 
 
+def unshared_mix(rng: random.Random, requests: int = 8) -> list[tuple[list[int], int]]:
+    """Prompts of mixed lengths that share no prefix (each starts with its own token), so no request
+    can reuse another's KV from the prefix cache however they arrive; 32-64 new tokens each."""
+    return [([3 + i] + [rng.randrange(3, 1000) for _ in range(rng.choice((20, 60, 150, 300)))],
+             rng.randrange(32, 65)) for i in range(requests)]
+
+
 def process_fault_mix() -> list[tuple[list[int], int]]:
     """The mix the process-fault tests share (seven mixed requests and one in chunked prefill): one
     fault-free reference per server serves them all."""
     return request_mix(random.Random(20), requests=7) + [LONG_PROMPT]
+
+
+def await_warm_standbys(server: Server, count: int, timeout_s: float = 300) -> None:
+    """Wait until ``count`` standby processes have finished their imports and are not yet used (the
+    supervisor logs each as warm, and each replacement it served as ``standby=True``)."""
+    log = server.log
+    eventually(lambda: log().count("standby process warm") - log().count("standby=True") >= count or None,
+               timeout_s=timeout_s, interval_s=0.2)
 
 
 def submit_mix(server: Server, mix, pool, first: int = 0) -> list:
@@ -158,12 +173,12 @@ def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", aft
 
 
 def run_trial(server: Server, seed: int, ranks: int, lose: int = 1, drills=(),
-              recover: bool | None = None) -> Trial:
+              recover: bool | None = None, mix=None) -> Trial:
     """One trial. ``drills`` are ``(steps, fn)``: ``fn(server)`` runs once the fault run has taken
     ``steps`` steps, before the fault (e.g. pausing the drain, corrupting parity). ``recover``: whether
     the fault is recovered at once (None: as the server's --ghost-auto-recover says)."""
     rng = random.Random(seed)
-    mix = request_mix(rng)
+    mix = request_mix(rng) if mix is None else mix
     lost = sorted(rng.sample(range(ranks), lose))
     after_steps = rng.randrange(8, 28)
     reference = fault_free(server, mix)

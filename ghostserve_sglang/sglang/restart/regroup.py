@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import socket
 import sys
 import threading
+import time
 import types
 
 import structlog
@@ -30,6 +32,25 @@ RECORDED = ("init_process_group", "new_group", "all_reduce", "broadcast", "barri
             "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast_object_list",
             "gather", "reduce", "reduce_scatter_tensor", "all_to_all_single")
 DEFAULT_GROUP = -1  # the default (WORLD) group in a recorded call
+MASTER_WAIT_SECONDS = 5.0
+
+
+def await_master(init_method: str | None, rank: int | None) -> None:
+    """Before a rank other than 0 calls ``init_process_group`` on a ``tcp://`` rendezvous: wait until
+    the master's port accepts a connection (tried every 2 ms). torch's store client backs off about
+    half a second after a refused connection, and in a join the peers reach the rendezvous within
+    milliseconds of each other, so that back-off was 0.4-0.6 s of every replacement's join. Past
+    ``MASTER_WAIT_SECONDS`` torch's own call goes ahead (and times out as it would have)."""
+    if not rank or not isinstance(init_method, str) or not init_method.startswith("tcp://"):
+        return
+    host, _, port = init_method.removeprefix("tcp://").rpartition(":")
+    deadline = time.monotonic() + MASTER_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=0.1).close()
+            return
+        except OSError:
+            time.sleep(0.002)
 
 
 class Transcript:
@@ -59,6 +80,8 @@ class Transcript:
             if threading.current_thread() is not owner or getattr(self._depth, "n", 0):
                 return fn(*args, **kwargs)
             entry = (name, self._stored(args), self._stored(kwargs))
+            if name == "init_process_group":
+                await_master(kwargs.get("init_method"), kwargs.get("rank"))
             self._depth.n = 1
             try:
                 result = fn(*args, **kwargs)
@@ -110,6 +133,7 @@ class Transcript:
             if name == "init_process_group":
                 kwargs["init_method"] = init_method
                 kwargs.pop("store", None)
+                await_master(init_method, kwargs.get("rank"))
             result = getattr(dist, name)(*args, **kwargs)
             if name == "new_group":
                 fresh.append(result)

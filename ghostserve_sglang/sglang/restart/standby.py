@@ -13,6 +13,7 @@ a replacement starts cold, as a fresh process.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import multiprocessing
 import os
@@ -25,15 +26,23 @@ from . import handover
 log = structlog.get_logger("ghostserve.standby")
 
 # What a scheduler process imports before it can start: SGLang's scheduler and model runner (and with
-# them torch), then SGLang's model registry, which imports every model module (about 1.4 s on one core).
-PRELOAD = ("sglang.srt.managers.scheduler", "sglang.srt.model_executor.model_runner")
+# them torch), the diffusion-LM algorithms its worker imports at start-up, then SGLang's model registry,
+# which imports every model module (about 1.4 s on one core).
+PRELOAD = ("sglang.srt.managers.scheduler", "sglang.srt.model_executor.model_runner",
+           "sglang.srt.dllm.algorithm")
 
 
 def run_replacement(environment: dict, target, args: tuple, questions=None) -> None:
     """A replacement scheduler process: SGLang's own entry point, told which generation it joins
-    (rank 0's also gets a pipe for its questions to the main process)."""
+    (rank 0's also gets a pipe for its questions to the main process).
+
+    What the process has imported so far is moved out of the garbage collector's sight first: SGLang
+    runs a full collection before it sizes the KV pool, and over the objects of every imported module
+    that took 0.39 s of a 0.65 s join on one core (a standby collects once while it waits, so what it
+    freezes is live)."""
     os.environ.update(environment)
     handover.CHANNEL = questions
+    gc.freeze()
     target(*args)
 
 
@@ -50,6 +59,21 @@ def start_cold(environment: dict, target, args: tuple, rank: int) -> tuple:
     return process, reader, questions
 
 
+def _compile_vocab_mask() -> None:
+    """SGLang compiles its vocab-shard masking (``get_masked_input_and_mask``, ``torch.compile`` with
+    dynamic shapes) at a process's first forward: 1.2 s of a replacement's first step on one core, with
+    every other rank waiting for it in the next all-reduce. A standby compiles it while it waits, for a
+    shard that starts at 0 (rank 0) and one that does not, and for both id dtypes."""
+    import torch
+    from sglang.srt.layers.vocab_parallel_embedding import get_masked_input_and_mask
+
+    for mode in (torch.no_grad, torch.inference_mode):  # dynamo's guards check the grad mode
+        with mode():
+            for dtype in (torch.int64, torch.int32):
+                for start in (0, 512):
+                    get_masked_input_and_mask(torch.arange(8, dtype=dtype), start, start + 512, 0, 1024, 1024)
+
+
 def _wait_as_standby(control, writer, their_end) -> None:
     """A standby process: import, say so, then wait for the rank it becomes (EOF: the server is gone)."""
     for name in PRELOAD:
@@ -57,6 +81,8 @@ def _wait_as_standby(control, writer, their_end) -> None:
     from sglang.srt.models.registry import ModelRegistry
 
     ModelRegistry.get_supported_archs()  # imported once per process, kept for the model load
+    _compile_vocab_mask()
+    gc.collect()
     with contextlib.suppress(OSError):  # taken before it was warm: the work is in the pipe already
         control.send("warm")
     try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import glob
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -113,7 +114,7 @@ class Supervisor:
 
     # -- the watch ----------------------------------------------------------------------------------
     def _watch(self) -> None:
-        while not self.stopping.wait(POLL_SECONDS):
+        while not self._tick():
             dead = self._dead() if self.serving else []  # a start that fails is SGLang's to report
             if dead:
                 # A survivor whose collective failed exits too; the one a signal ended is the cause.
@@ -170,15 +171,27 @@ class Supervisor:
         with contextlib.suppress(Exception):  # the server may be stopping
             self._in_event_loop(lambda tm: setattr(tm, "server_status", status))
 
+    def _tick(self) -> bool:
+        """Wait ``POLL_SECONDS``, or less when a scheduler process ends meanwhile (its death is handled
+        at once, not at the next poll). Returns whether the supervisor is stopping."""
+        running = [p.sentinel for p in self.processes if p.exitcode is None] if self.serving else []
+        if running and not self.stopping.is_set():
+            multiprocessing.connection.wait(running, timeout=POLL_SECONDS)
+            return self.stopping.is_set()
+        return self.stopping.wait(POLL_SECONDS)
+
     def _dead(self, excluding=()) -> list[tuple[int, object]]:
         return [(r, p) for r, p in enumerate(self.processes)
                 if p.exitcode is not None and r not in excluding]
 
     def _shutting_down(self, process) -> bool:
-        """Whether the server is being stopped: SGLang's SIGTERM handler ran in this process, or a TERM
-        or INT reached every scheduler (Ctrl-C, ``kill -TERM -<pgid>``). The same signal to one
-        scheduler is a fault. Waits briefly first, so a shutdown's own handler has run."""
-        time.sleep(2 * POLL_SECONDS)
+        """Whether the server is being stopped: SGLang's SIGTERM handler ran in this process (it sets
+        ``gracefully_exit`` before any scheduler is stopped), or a TERM or INT reached every scheduler
+        (Ctrl-C, ``kill -TERM -<pgid>``). The same signal to one scheduler is a fault. A scheduler that
+        ended by TERM or INT may be the first of such a stop, so the others get a moment to end too;
+        any other end (KILL, SEGV, an error) is judged at once."""
+        if process.exitcode in (-signal.SIGTERM, -signal.SIGINT):
+            time.sleep(2 * POLL_SECONDS)
         if getattr(self.tokenizer_manager, "gracefully_exit", False):
             return True
         return all(p.exitcode in (-signal.SIGTERM, -signal.SIGINT) for p in self.processes)
