@@ -64,15 +64,15 @@ def server_rows(dtype: str, kills: int, kv_faults: int) -> list[str]:
     with tempfile.TemporaryDirectory() as logs, \
             launched(2, ghost, ["--dtype", dtype], log_dir=logs) as server:
         mix = request_mix(random.Random(11), requests=10)
-        server.post("/flush_cache")
+        server.flush_cache()
         first = generate_mix(server, mix)
-        server.post("/flush_cache")
+        server.flush_cache()
         again = generate_mix(server, mix)
         alone, split = [], []
         for ids, new in mix:
-            server.post("/flush_cache")
+            server.flush_cache()
             alone.append(server.generate(ids, new)["output_ids"])
-            server.post("/flush_cache")
+            server.flush_cache()
             server.generate(ids[: len(ids) // 2], 1)  # the first half now comes from the prefix cache
             split.append(server.generate(ids, new)["output_ids"])
         rows = [f"| {dtype} | no fault: all at once, again | {differing(again, first)} |",

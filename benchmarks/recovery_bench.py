@@ -33,11 +33,11 @@ def main() -> None:
         server.generate([5] * 64, 4)  # warm-up
         for _ in range(args.rounds):
             prompt = [rng.randrange(3, 1000) for _ in range(args.context)]
-            server.post("/flush_cache")
+            server.flush_cache()
             started = time.perf_counter()
             server.generate(prompt, 1)  # prefill of the whole context, and one token
             prefill.append(time.perf_counter() - started)
-            server.post("/flush_cache")
+            server.flush_cache()
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 step = server.control("status")["ranks"][0]["step"]
                 future = pool.submit(server.generate, prompt, 256)

@@ -100,7 +100,7 @@ def measure_recovery(server, rng, rounds: int) -> dict:
     for context in RECOVERY_CONTEXTS:
         seconds = []
         for _ in range(rounds):
-            server.post("/flush_cache")
+            server.flush_cache()
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 future = pool.submit(server.generate, prompt(rng, context), 128)
                 wait_until_decoding(server)
@@ -117,7 +117,7 @@ def measure_prefill_time(server, rng, rounds: int) -> dict:
     for context in RECOVERY_CONTEXTS:
         seconds = []
         for _ in range(rounds):
-            server.post("/flush_cache")
+            server.flush_cache()
             elapsed, _ = timed_batch(server, [prompt(rng, context)], 1)
             seconds.append(elapsed)
         out[str(context)] = statistics.median(seconds)

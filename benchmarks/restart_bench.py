@@ -66,7 +66,7 @@ def ghostserve_run(context: int, prompts: list[list[int]], logs: str, standby: i
         reference = [server.generate(p, NEW_TOKENS)["output_ids"] for p in prompts]
         for _ in range(kills):
             await_warm_standbys(server, standby)
-            server.post("/flush_cache")
+            server.flush_cache()
             runs.append(kill_once(server, prompts, reference))
     seconds = [r["seconds"] for r in runs]
     names = list(dict.fromkeys(n for r in runs for n in r["phases"]))

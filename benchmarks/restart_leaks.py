@@ -66,7 +66,7 @@ def main() -> None:
             assert restarts == ranks[rank]["restarts"] + 1, (i, restarts)
             print(f"kill {i + 1}/{args.kills}: rank {rank} replaced (restarts {restarts})", flush=True)
             if (i + 1) % 10 == 0:
-                server.post("/flush_cache")
+                server.flush_cache()
                 time.sleep(2)
                 samples.append((i + 1, footprint(server)))
         elapsed = time.monotonic() - started

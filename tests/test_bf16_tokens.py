@@ -25,7 +25,7 @@ def server(shared_server):
 def one_at_a_time(server, mix, cached_half: bool) -> list[list[int]]:
     outputs = []
     for ids, new in mix:
-        server.post("/flush_cache")
+        server.flush_cache()
         if cached_half:
             server.generate(ids[: len(ids) // 2], 1)
         outputs.append(server.generate(ids, new)["output_ids"])

@@ -23,9 +23,9 @@ def server(shared_server):
 
 def test_fault_free_reruns_of_concurrent_requests_are_identical(server):
     mix = request_mix(random.Random(11), requests=10)
-    server.post("/flush_cache")
+    server.flush_cache()
     first = generate_mix(server, mix)
-    server.post("/flush_cache")
+    server.flush_cache()
     second = generate_mix(server, mix)
     third = generate_mix(server, mix[::-1])[::-1]  # from the prefix cache, in another batch order
     assert first == second == third

@@ -52,7 +52,7 @@ def assert_restarts(server, rank: int, count: int) -> bool:
 def test_a_batch_that_kills_a_rank_twice_is_ended_and_the_server_serves_on(server):
     mix = process_fault_mix()
     reference = fault_free(server, mix)
-    server.post("/flush_cache")
+    server.flush_cache()
     first, late = mix[:5], mix[5:]
     before = restarts(server)
     start = server.control("status")["ranks"][0]["step"]

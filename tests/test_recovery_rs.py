@@ -22,7 +22,7 @@ def test_fault_free_reruns_on_three_ranks_are_identical(server):
     mix = request_mix(random.Random(2))
     runs = []
     for _ in range(3):
-        server.post("/flush_cache")
+        server.flush_cache()
         runs.append(generate_mix(server, mix))
     assert runs[0] == runs[1] == runs[2]
 
@@ -44,7 +44,7 @@ def test_more_losses_than_parity_are_recomputed_never_wrong(server):
 
 def test_injected_fault_destroys_kv_until_recover_rebuilds_it(server):
     mix = request_mix(random.Random(7))
-    server.post("/flush_cache")
+    server.flush_cache()
     first = generate_mix(server, mix)
     server.control("inject-fault", ranks=[0, 2], recover=False)
     broken = server.control("scrub")

@@ -79,7 +79,7 @@ def test_freed_slots_lose_their_parity(xor_server):
     xor_server.control("scrub")
     before = xor_server.control("status")["ranks"][0]
     assert before["protected_slots"] > 0
-    xor_server.post("/flush_cache")  # frees every cached slot
+    xor_server.flush_cache()  # frees every cached slot
     after = xor_server.control("status")["ranks"]
     assert all(r["live_slots"] == 0 and r["parity_bytes_in_use"] == 0 for r in after)
 

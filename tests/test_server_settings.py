@@ -48,7 +48,7 @@ def test_a_paused_drain_under_load_never_blocks_serving_control_or_a_stop(tmp_pa
         assert all(rank["drops"] > 0 for rank in status)
         assert paused_scrub["not_durable"] > 0  # what the paused drain held or dropped
         assert "capture_part_slots=170" in server.log()  # 1 MiB / (4 x 1536 bytes a slot)
-        server.post("/flush_cache")
+        server.flush_cache()
         generate_mix(server, load[:4])  # a running drain protects every write again
         scrub = call("scrub")
         assert (scrub["mismatching"], scrub["not_durable"]) == (0, 0) and scrub["matching"] > 0

@@ -67,7 +67,7 @@ def fault_free(server: Server, mix) -> list[list[int]]:
     and mix (outputs do not depend on batching, so trials that reuse a mix share its reference)."""
     key = repr(mix)
     if key not in server.references:
-        server.post("/flush_cache")
+        server.flush_cache()
         server.references[key] = generate_mix(server, mix)
     return server.references[key]
 
@@ -125,7 +125,7 @@ def run_kill_trial(server: Server, seed: int, ranks=(1,), how: str = "KILL", aft
     mix = request_mix(rng) if mix is None else mix
     after_steps = rng.randrange(0, 28) if after_steps is None else after_steps
     reference = fault_free(server, mix)
-    server.post("/flush_cache")
+    server.flush_cache()
     before = server.control("status")["ranks"]
     with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
         futures = submit_mix(server, mix[:len(mix) - late], pool)
@@ -182,7 +182,7 @@ def run_trial(server: Server, seed: int, ranks: int, lose: int = 1, drills=(),
     lost = sorted(rng.sample(range(ranks), lose))
     after_steps = rng.randrange(8, 28)
     reference = fault_free(server, mix)
-    server.post("/flush_cache")
+    server.flush_cache()
     with concurrent.futures.ThreadPoolExecutor(len(mix)) as pool:
         start = server.control("status")["ranks"][0]["step"]
         futures = submit_mix(server, mix, pool)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -76,6 +77,20 @@ class Server:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             text = response.read().decode()
         return json.loads(text) if text.strip().startswith(("{", "[")) else {"text": text}
+
+    def flush_cache(self, timeout_s: float = 30) -> None:
+        """SGLang's ``/flush_cache``, asked again while it answers 400: a request whose response has
+        left may still sit in the scheduler's batch until its next iteration, and a flush with a request
+        pending is refused."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.post("/flush_cache")
+                return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 400 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
 
     def ghostserve(self, *args: str) -> subprocess.CompletedProcess:
         """Run the ``ghostserve`` CLI against this server."""
