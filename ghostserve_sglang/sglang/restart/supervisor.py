@@ -185,13 +185,12 @@ class Supervisor:
                 if p.exitcode is not None and r not in excluding]
 
     def _shutting_down(self, process) -> bool:
-        """Whether the server is being stopped: SGLang's SIGTERM handler ran in this process (it sets
-        ``gracefully_exit`` before any scheduler is stopped), or a TERM or INT reached every scheduler
-        (Ctrl-C, ``kill -TERM -<pgid>``). The same signal to one scheduler is a fault. A scheduler that
-        ended by TERM or INT may be the first of such a stop, so the others get a moment to end too;
-        any other end (KILL, SEGV, an error) is judged at once."""
-        if process.exitcode in (-signal.SIGTERM, -signal.SIGINT):
-            time.sleep(2 * POLL_SECONDS)
+        """Whether the server is being stopped: SGLang's SIGTERM handler ran in this process, or a TERM
+        or INT reached every scheduler (Ctrl-C, ``kill -TERM -<pgid>``). The same signal to one
+        scheduler is a fault. Waits briefly first, so that a shutdown's own handler has run and deaths
+        close together (several ranks killed at once end up to half a second apart while the kernel
+        tears them down) are replaced together."""
+        time.sleep(2 * POLL_SECONDS)
         if getattr(self.tokenizer_manager, "gracefully_exit", False):
             return True
         return all(p.exitcode in (-signal.SIGTERM, -signal.SIGINT) for p in self.processes)
