@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghostserve_sglang.testing.campaign import (  # noqa: E402
     generate_mix,
+    one_at_a_time,
     request_mix,
     run_kill_trial,
     run_trial,
@@ -68,13 +69,8 @@ def server_rows(dtype: str, kills: int, kv_faults: int) -> list[str]:
         first = generate_mix(server, mix)
         server.flush_cache()
         again = generate_mix(server, mix)
-        alone, split = [], []
-        for ids, new in mix:
-            server.flush_cache()
-            alone.append(server.generate(ids, new)["output_ids"])
-            server.flush_cache()
-            server.generate(ids[: len(ids) // 2], 1)  # the first half now comes from the prefix cache
-            split.append(server.generate(ids, new)["output_ids"])
+        alone = one_at_a_time(server, mix)
+        split = one_at_a_time(server, mix, cached_half=True)
         rows = [f"| {dtype} | no fault: all at once, again | {differing(again, first)} |",
                 f"| {dtype} | no fault: one at a time | {differing(alone, first)} |",
                 f"| {dtype} | no fault: one at a time, half of each prompt from the prefix cache | "

@@ -12,7 +12,13 @@ import random
 
 import pytest
 
-from ghostserve_sglang.testing.campaign import request_mix, run_kill_trial, run_trial, unshared_mix
+from ghostserve_sglang.testing.campaign import (
+    one_at_a_time,
+    request_mix,
+    run_kill_trial,
+    run_trial,
+    unshared_mix,
+)
 
 pytestmark = pytest.mark.shared_server("bf16")
 
@@ -20,16 +26,6 @@ pytestmark = pytest.mark.shared_server("bf16")
 @pytest.fixture
 def server(shared_server):
     return shared_server
-
-
-def one_at_a_time(server, mix, cached_half: bool) -> list[list[int]]:
-    outputs = []
-    for ids, new in mix:
-        server.flush_cache()
-        if cached_half:
-            server.generate(ids[: len(ids) // 2], 1)
-        outputs.append(server.generate(ids, new)["output_ids"])
-    return outputs
 
 
 def test_bf16_tokens_follow_how_the_prompt_was_split_with_no_fault(server):

@@ -62,6 +62,19 @@ def generate_mix(server: Server, mix) -> list[list[int]]:
         return [f.result()["output_ids"] for f in submit_mix(server, mix, pool)]
 
 
+def one_at_a_time(server: Server, mix, cached_half: bool = False) -> list[list[int]]:
+    """The output ids of ``mix``, each request alone on an empty prefix cache; with ``cached_half``,
+    the first half of its prompt is computed by a request of its own first and then comes from the
+    prefix cache."""
+    outputs = []
+    for ids, new in mix:
+        server.flush_cache()
+        if cached_half:
+            server.generate(ids[: len(ids) // 2], 1)
+        outputs.append(server.generate(ids, new)["output_ids"])
+    return outputs
+
+
 def fault_free(server: Server, mix) -> list[list[int]]:
     """The output ids of ``mix`` without a fault, from an empty prefix cache; computed once per server
     and mix (outputs do not depend on batching, so trials that reuse a mix share its reference)."""
