@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from ghostserve_sglang.testing.campaign import process_fault_mix, run_kill_trial
+from ghostserve_sglang.testing.local_server import eventually
 
 pytestmark = pytest.mark.shared_server("xor2")
 
@@ -31,6 +32,21 @@ def status_json(server) -> dict:
     import json
 
     return json.loads(result.stdout)
+
+
+def nice_values(pid: int) -> set[int]:
+    """The CPU priorities (nice) of every thread of ``pid``."""
+    values = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as stat:
+            values.add(int(stat.read().rsplit(")", 1)[1].split()[16]))
+    return values
+
+
+def current_standby(server, ranks: set[int]) -> int | None:
+    """The pid of the standby process started last, once it is not one of ``ranks``."""
+    started = [int(pid) for pid in re.findall(r"standby process started +pid=(\d+)", server.log())]
+    return started[-1] if started and started[-1] not in ranks else None
 
 
 def healthy_within(server, seconds: float) -> float:
@@ -56,6 +72,9 @@ def healthy_within(server, seconds: float) -> float:
 def test_a_dead_rank_is_replaced_and_every_request_finishes_unchanged(server, how, seed, after_steps):
     """Each death is replaced from the standby, itself replaced after the previous replacement."""
     before = status_json(server)["ranks"]
+    standby = eventually(lambda: current_standby(server, {rank["pid"] for rank in before}))
+    # Its warm-up takes only what the ranks leave of the CPU (from its first step on).
+    eventually(lambda: nice_values(standby) == {19} or None, timeout_s=10)
     mix = process_fault_mix()
     log_before = len(server.log())
     trial = run_kill_trial(server, seed, ranks=[1], how=how, after_steps=after_steps, mix=mix)
@@ -67,6 +86,7 @@ def test_a_dead_rank_is_replaced_and_every_request_finishes_unchanged(server, ho
     after = status_json(server)["ranks"]
     assert after[1]["pid"] != before[1]["pid"] and after[1]["restarts"] == before[1]["restarts"] + 1
     assert after[0]["pid"] == before[0]["pid"]
+    assert after[1]["pid"] == standby and nice_values(standby) == nice_values(after[0]["pid"]) == {0}
     assert trial.restart["restart"] and trial.restart["lost_ranks"] == [1]
     assert trial.restart["slots_rebuilt"] > 0, trial.restart  # the survivor's parity was used
     assert {"detect_seconds", "spawn_seconds", "join_seconds", "state_transfer_seconds",
