@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ghostserve_sglang.testing.campaign import await_warm_standbys  # noqa: E402
 from ghostserve_sglang.testing.local_server import launched  # noqa: E402
 
 
@@ -45,6 +46,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as logs:
         for mode in modes:
             with launched(args.tp, ["--ghost-code", mode], log_dir=logs) as server:
+                if mode != "off" and args.tp > 1:  # the steady state: a warm standby waits
+                    await_warm_standbys(server, 1)
                 measure(server, args.batch, args.prompt, args.new_tokens, seed=0)  # warm-up
                 rounds = [measure(server, args.batch, args.prompt, args.new_tokens, seed=r + 1)
                           for r in range(args.rounds)]

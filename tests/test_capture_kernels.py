@@ -1,6 +1,6 @@
-"""The capture path's fused kernels (Triton, interpreted on CPU) and its CPU path give the parity bytes
-of the unfused path: a torch gather of the rows, a column cut, ``codec.encode`` on the columns, the
-parity chunks stacked per slot and layer."""
+"""The capture path's fused kernels (Triton, interpreted on CPU) and its CPU path (the C gather) give the
+parity bytes of the unfused path: a torch gather of the rows, a column cut, ``codec.encode`` on the
+columns, the parity chunks stacked per slot and layer."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ghostserve_sglang.codec import new_code
+from ghostserve_sglang.sglang.protection import gather_native
 from ghostserve_sglang.sglang.protection.column_encoder import ColumnEncoder
 from ghostserve_sglang.sglang.protection.kv import KVView, cut_columns
 
@@ -39,7 +40,7 @@ def unfused_records(views: list[KVView], slots: torch.Tensor, code: str, parity_
     """Every rank's records by the unfused path: rows gathered by torch, cut, exchanged, encoded."""
     ranks = len(views)
     column = -(-views[0].slot_layer_bytes // ranks)
-    sends = [cut_columns(v.gather(slots, use_triton=False), ranks, column) for v in views]
+    sends = [cut_columns(v.gather_rows_torch(slots), ranks, column) for v in views]
     codec = new_code(code, ranks, parity_shards, backend="torch")
     records = []
     for j in range(ranks):
@@ -60,13 +61,14 @@ def fused_records(views: list[KVView], slots: torch.Tensor, code: str, parity_sh
 
 @pytest.mark.parametrize("code,ranks,parity_shards", GEOMETRIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
-@pytest.mark.parametrize("page_size", [1, 8])
+@pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "cpu"])
 def test_fused_path_gives_the_unfused_parity_bytes(code, ranks, parity_shards, dtype, page_size,
                                                    use_triton):
+    assert use_triton or gather_native.library() is not None  # the C gather, not torch against torch
     # 5 KV heads of 24 over 2-4 ranks: a slot-layer's bytes do not split evenly into columns.
     views = [KVView(random_pool(160, 5, 24, 3, dtype, seed=r)) for r in range(ranks)]
-    slots = page_slots(page_size, [1, 7], 5) if page_size > 1 else torch.tensor([0, 1, 77, 160, 40])
+    slots = page_slots(page_size, [1, 9], 5) if page_size > 1 else torch.tensor([0, 1, 77, 160, 40])
     want = unfused_records(views, slots, code, parity_shards)
     got = fused_records(views, slots, code, parity_shards, use_triton)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
@@ -87,8 +89,16 @@ def test_fused_gather_reads_slots_past_2gib_into_a_layer():
         raw[slots] = torch.randint(0, 256, raw[slots].shape, dtype=torch.uint8, generator=generator)
     for ranks in (1, 3):
         column = -(-view.slot_layer_bytes // ranks)
-        want = cut_columns(view.gather(slots, use_triton=False), ranks, column)
-        assert torch.equal(view.gather_columns(slots, ranks, column, use_triton=True), want)
+        want = cut_columns(view.gather_rows_torch(slots), ranks, column)
+        for use_triton in (True, False):
+            assert torch.equal(view.gather_columns(slots, ranks, column, use_triton=use_triton), want)
+
+
+@pytest.mark.parametrize("slot", [-1, 9])
+def test_the_c_gather_refuses_a_slot_outside_the_pool(slot):
+    view = KVView(random_pool(8, 5, 24, 3, torch.bfloat16, seed=0))  # slots 0..8
+    with pytest.raises(IndexError, match=f"slot {slot} is outside the KV pool's slots 0..8"):
+        view.gather_columns(torch.tensor([1, slot]), 2, 120, use_triton=False)
 
 
 @pytest.mark.parametrize("code,ranks,parity_shards", [*GEOMETRIES, ("replicate", 1, 1)])

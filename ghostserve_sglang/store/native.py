@@ -35,32 +35,39 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _build(target: Path) -> None:
+def _build(source: Path, target: Path) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc, gcc or $CC) found")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         built = Path(work) / target.name
-        subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(built), str(SOURCE)],
+        subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(built), str(source)],
                        check=True, capture_output=True, text=True)
         os.replace(built, target)  # atomic: concurrent ranks never load a half-written file
+
+
+def compiled(source: Path, fallback: str) -> ctypes.CDLL | None:
+    """The C file ``source`` built (once per machine and version of it) and loaded; None when it cannot
+    be, after a warning that says what runs instead (``fallback``)."""
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{digest}.so"
+    try:
+        if not target.exists():
+            _build(source, target)
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning(f"{fallback}: its C part could not be built or loaded",
+                    error=str(detail).strip().splitlines()[-1:] or repr(exc))
+        return None
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """``records.c`` loaded, its functions typed; None when it cannot be built or loaded here."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    target = _cache_dir() / f"records-{digest}.so"
-    try:
-        if not target.exists():
-            _build(target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("the store writes records and computes CRC-32C in Python (slower, holds the GIL): "
-                    "its C part could not be built or loaded",
-                    error=str(detail).strip().splitlines()[-1:] or repr(exc))
+    lib = compiled(SOURCE, "the store writes records and computes CRC-32C in Python (slower, holds the GIL)")
+    if lib is None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.ghost_write_records.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int,

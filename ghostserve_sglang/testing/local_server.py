@@ -52,9 +52,10 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
 
     def generate(self, input_ids: list[int], max_new_tokens: int, timeout_s: float = 600,
-                 stream: bool = False) -> dict:
+                 stream: bool = False, arrivals: list[float] | None = None) -> dict:
         """Greedy generation; with ``stream``, read as server-sent events and return the last one (its
-        ``output_ids`` are all the tokens the stream delivered)."""
+        ``output_ids`` are all the tokens the stream delivered), appending each event's arrival
+        (``time.perf_counter()``) to ``arrivals`` if given."""
         body = {"input_ids": input_ids, "stream": stream, "sampling_params": {
             "max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}
         if not stream:
@@ -67,6 +68,8 @@ class Server:
                 data = line.decode().strip().removeprefix("data:").strip()
                 if data and data != "[DONE]":
                     last = json.loads(data)
+                    if arrivals is not None:
+                        arrivals.append(time.perf_counter())
         if "output_ids" not in last:
             raise RuntimeError(f"the stream ended without output: {last}")
         return last

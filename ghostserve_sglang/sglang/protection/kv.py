@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ...store.geometry import DTYPES
+from . import gather_native
 
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -94,10 +95,27 @@ class KVView:
                        use_triton: bool | None = None) -> torch.Tensor:
         """The slots' K and V bytes cut for the exchange: ``[ranks, len(slots), layers, column]`` uint8,
         entry j holding bytes ``[j * column, (j + 1) * column)`` of each slot-layer (zero past its end).
-        By one Triton launch on GPU, by torch on CPU."""
+        By one Triton launch on GPU, by one call of ``gather.c`` on CPU (by torch where it cannot be
+        built)."""
         slots = slots.to(self.pool.k_buffer[0].device, torch.int64)
         if use_triton if use_triton is not None else slots.is_cuda:
             return self._gather_triton(slots, ranks, column)
+        native = gather_native.library() if slots.is_cpu else None
+        if native is None:
+            return cut_columns(self.gather_rows_torch(slots), ranks, column)
+        slots = slots.contiguous()
+        out = torch.empty((ranks, len(slots), self.layers, column), dtype=torch.uint8)
+        k_table, v_table = self._tables(gather_native.address_table)
+        bad = native.ghost_gather_columns(k_table, v_table, self.layers, slots.data_ptr(), len(slots),
+                                          self.slots, self.half_bytes, ranks, column, out.data_ptr())
+        if bad >= 0:
+            raise IndexError(f"slot {int(slots[bad])} is outside the KV pool's slots 0..{self.slots - 1}")
+        return out
+
+    def gather_rows_torch(self, slots: torch.Tensor) -> torch.Tensor:
+        """``[len(slots), layers, slot_layer_bytes]`` uint8 by torch indexing, layer by layer: where
+        neither Triton nor the C gather runs, and the reference the tests compare them with."""
+        slots = slots.to(self.pool.k_buffer[0].device, torch.int64)
         rows = torch.empty((len(slots), self.layers, self.slot_layer_bytes), dtype=torch.uint8,
                            device=slots.device)
         half = self.half_bytes
@@ -105,17 +123,23 @@ class KVView:
             k, v = self._rows(layer)
             rows[:, layer, :half] = k.index_select(0, slots)
             rows[:, layer, half:] = v.index_select(0, slots)
-        return cut_columns(rows, ranks, column)
+        return rows
+
+    def _tables(self, make):
+        """The K and V buffers' address tables as ``make`` builds them from a list of buffers: built
+        once, and again if the pool's buffers were reallocated."""
+        buffers = (self.pool.k_buffer, self.pool.v_buffer)
+        key = (make, *(b[0].data_ptr() for b in buffers))
+        if getattr(self, "_tables_key", None) != key:
+            self._address_tables = [make(b) for b in buffers]
+            self._tables_key = key
+        return self._address_tables
 
     def _gather_triton(self, slots: torch.Tensor, ranks: int, column: int) -> torch.Tensor:
         from . import gather_triton
 
-        buffers = (self.pool.k_buffer, self.pool.v_buffer)
-        key = tuple(b[0].data_ptr() for b in buffers)
-        if getattr(self, "_tables_key", None) != key:  # built once; rebuilt if the pool is reallocated
-            self._tables = [gather_triton.address_table(b) for b in buffers]
-            self._tables_key = key
-        return gather_triton.gather(*self._tables, slots, self.half_bytes, self.layers, ranks, column)
+        k_table, v_table = self._tables(gather_triton.address_table)
+        return gather_triton.gather(k_table, v_table, slots, self.half_bytes, self.layers, ranks, column)
 
     def scatter(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Write ``rows`` (as returned by ``gather``) back into the pool at ``slots``."""
