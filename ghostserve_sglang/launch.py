@@ -26,6 +26,7 @@ from .drills import process as process_drills
 from .settings import SettingsError
 from .sglang.patching import compatibility, cpu_compat, refusal
 from .sglang.patching.patches import MAIN_PATCHER, PatchError, check_supported, load_spec
+from .sglang.protection import exchange
 from .sglang.restart import liveness, membership
 from .sglang.restart.policy import RestartPolicy
 from .sglang.restart.supervisor import SUPERVISOR, remove_orphaned_semaphores
@@ -200,7 +201,7 @@ def _clean_up(instance_id: str) -> None:
     Runs from the launcher's exit and from the supervisor's stop (whichever comes first; SGLang's
     SIGQUIT handler may kill the launcher before its exit), one at a time."""
     with _CLEAN_UP_LOCK:
-        for path in remove_orphans(instance_id):
+        for path in [*remove_orphans(instance_id), *exchange.remove(instance_id)]:
             print(f"ghostserve: removed {path}", file=sys.stderr)
         if SUPERVISOR.started_at:  # the semaphores of scheduler processes that were killed
             remove_orphaned_semaphores(SUPERVISOR.started_at)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ghostserve_sglang.codec import new_code
-from ghostserve_sglang.sglang.protection import gather_native
+from ghostserve_sglang.sglang.protection import capture_native
 from ghostserve_sglang.sglang.protection.column_encoder import ColumnEncoder
 from ghostserve_sglang.sglang.protection.kv import KVView, cut_columns
 
@@ -65,7 +65,7 @@ def fused_records(views: list[KVView], slots: torch.Tensor, code: str, parity_sh
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "cpu"])
 def test_fused_path_gives_the_unfused_parity_bytes(code, ranks, parity_shards, dtype, page_size,
                                                    use_triton):
-    assert use_triton or gather_native.library() is not None  # the C gather, not torch against torch
+    assert use_triton or capture_native.library() is not None  # the C gather, not torch against torch
     # 5 KV heads of 24 over 2-4 ranks: a slot-layer's bytes do not split evenly into columns.
     views = [KVView(random_pool(160, 5, 24, 3, dtype, seed=r)) for r in range(ranks)]
     slots = page_slots(page_size, [1, 9], 5) if page_size > 1 else torch.tensor([0, 1, 77, 160, 40])

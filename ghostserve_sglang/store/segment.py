@@ -57,7 +57,7 @@ def remove_orphans(instance_id: str, directory: str = SHM_DIR) -> list[str]:
     for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
         path = os.path.join(directory, name)
         if name.startswith(prefix) and name[len(prefix):].isdigit():
-            if not _pid_alive(ParitySegment._owner_of(path)):
+            if not pid_alive(ParitySegment._owner_of(path)):
                 with contextlib.suppress(FileNotFoundError):  # its rank's own stop may remove it first
                     os.unlink(path)
                     removed.append(path)
@@ -96,7 +96,7 @@ def check_space(geometry: StoreGeometry, ring_entries: int, directory: str = SHM
     return need
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether ``pid`` runs; a zombie (ended, not yet reaped by its parent) does not."""
     if pid <= 0:
         return False
@@ -176,8 +176,8 @@ class ParitySegment:
             if existing == "attach":
                 return cls.attach(instance_id, rank, geometry, directory)
             owner = cls._owner_of(path)
-            if existing == "fail" or _pid_alive(owner):
-                live = f"; its owner pid {owner} is alive" if _pid_alive(owner) else ""
+            if existing == "fail" or pid_alive(owner):
+                live = f"; its owner pid {owner} is alive" if pid_alive(owner) else ""
                 raise StoreError(f"segment {path} already exists{live}; start with existing='attach' "
                                  "to recover from it or existing='remove' to start fresh")
             os.unlink(path)

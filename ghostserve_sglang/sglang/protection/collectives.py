@@ -1,6 +1,7 @@
 """GhostServe's own collectives over the TP ranks, on groups of its own, so that SGLang's collectives
-never interleave with ours: control collectives over gloo; the column exchange over gloo on CPU and
-over a separate NCCL communicator on GPU. Every rank creates them at the same point (scheduler
+never interleave with ours: control collectives over gloo; the column exchange through shared memory
+on CPU when every rank runs on this host (``exchange.LocalExchange``), else over gloo, and over a
+separate NCCL communicator on GPU. Every rank creates them at the same point (scheduler
 init). A collective that one rank never joins (an error there) fails after ``TIMEOUT`` instead of
 hanging its peers.
 """
@@ -8,9 +9,12 @@ hanging its peers.
 from __future__ import annotations
 
 import datetime
+import socket
 
 import torch
 import torch.distributed as dist
+
+from . import capture_native, exchange
 
 TIMEOUT = datetime.timedelta(minutes=5)
 
@@ -22,19 +26,42 @@ def peer_lost(exc: BaseException) -> bool:
 
 
 class TPCollectives:
-    def __init__(self, tp_group, device: torch.device, exchanges: bool) -> None:
+    """``instance_id`` and ``capacity`` (the bytes of the largest exchange round) size the same-host
+    exchange; ``started``: False for a replacement rank, whose exchange starts at the rejoin
+    (``start_exchange``) with its peers'."""
+
+    def __init__(self, tp_group, device: torch.device, exchanges: bool, instance_id: str = "",
+                 capacity: int = 0, started: bool = True) -> None:
         self.ranks = tp_group.world_size
         self.group = None
         if self.ranks > 1:
             self.group = dist.new_group(tp_group.ranks, backend="gloo", timeout=TIMEOUT)
         self.exchange_group = self.group
+        self.local = None
+        if self.ranks > 1 and exchanges and device.type == "cpu" and instance_id and capture_native.library():
+            local = exchange.LocalExchange(instance_id, tp_group.rank_in_group, self.ranks, capacity,
+                                           TIMEOUT.total_seconds())
+            hosts = self.gather_objects(socket.gethostname())  # and every rank's mailbox exists now
+            if len(set(hosts)) == 1:
+                self.local = local
+                if started:
+                    local.start(0)
+            else:
+                local.close()
         if self.ranks > 1 and device.type == "cuda" and exchanges:
             self.exchange_group = dist.new_group(tp_group.ranks, backend="nccl", timeout=TIMEOUT)
+
+    def start_exchange(self, epoch: int) -> None:
+        """Every rank, at the same point after a rejoin: the same-host exchange starts over."""
+        if self.local is not None:
+            self.local.start(epoch)
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """Entry i of ``send`` goes to rank i; entry i of the result came from rank i."""
         if self.ranks == 1:
             return send.clone()
+        if self.local is not None:
+            return self.local.all_to_all(send)
         received = torch.empty_like(send)
         dist.all_to_all_single(received, send, group=self.exchange_group)
         return received

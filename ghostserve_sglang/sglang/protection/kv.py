@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ...store.geometry import DTYPES
-from . import gather_native
+from . import capture_native
 
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -95,17 +95,17 @@ class KVView:
                        use_triton: bool | None = None) -> torch.Tensor:
         """The slots' K and V bytes cut for the exchange: ``[ranks, len(slots), layers, column]`` uint8,
         entry j holding bytes ``[j * column, (j + 1) * column)`` of each slot-layer (zero past its end).
-        By one Triton launch on GPU, by one call of ``gather.c`` on CPU (by torch where it cannot be
+        By one Triton launch on GPU, by one call of ``capture.c`` on CPU (by torch where it cannot be
         built)."""
         slots = slots.to(self.pool.k_buffer[0].device, torch.int64)
         if use_triton if use_triton is not None else slots.is_cuda:
             return self._gather_triton(slots, ranks, column)
-        native = gather_native.library() if slots.is_cpu else None
+        native = capture_native.library() if slots.is_cpu else None
         if native is None:
             return cut_columns(self.gather_rows_torch(slots), ranks, column)
         slots = slots.contiguous()
         out = torch.empty((ranks, len(slots), self.layers, column), dtype=torch.uint8)
-        k_table, v_table = self._tables(gather_native.address_table)
+        k_table, v_table = self._tables(capture_native.address_table)
         bad = native.ghost_gather_columns(k_table, v_table, self.layers, slots.data_ptr(), len(slots),
                                           self.slots, self.half_bytes, ranks, column, out.data_ptr())
         if bad >= 0:

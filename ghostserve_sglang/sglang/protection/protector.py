@@ -29,7 +29,7 @@ from ...settings import Settings
 from ...store.drain import ParityDrain
 from ...store.geometry import StoreGeometry
 from ...store.segment import SHM_DIR, ParitySegment, check_space, segment_path
-from . import recovery, reporting
+from . import exchange, recovery, reporting
 from .collectives import TPCollectives, peer_lost
 from .column_encoder import ColumnEncoder
 from .kv import KVView, live_slots
@@ -39,6 +39,7 @@ log = structlog.get_logger("ghostserve.protector")
 
 AUTO_QUEUE_FRACTION, AUTO_QUEUE_MIN_BYTES = 1 / 64, 16 << 20  # --ghost-capture-queue-mib 0
 PARTS_PER_QUEUE = 4  # a write larger than a quarter of the queue bound is captured in parts
+EXCHANGE_ROUND_MAX_BYTES = 64 << 20  # the same-host exchange's buffer; larger sends take more rounds
 
 
 def capture_queue_bytes(settings: Settings, kv: KVView) -> int:
@@ -79,7 +80,12 @@ class Protector:
         # Slots written since they were last freed, on the scheduler thread. With a page size above 1 an
         # allocated page's later slots hold no KV until the request reaches them: nothing to protect.
         self.written = torch.zeros(self.kv.slots, dtype=torch.bool, device=self.device)
-        self.collectives = collectives or TPCollectives(tp_group, self.device, self.exchanges)
+        self.queue_bytes = capture_queue_bytes(settings, self.kv)
+        self.chunk_slots = max(1, self.queue_bytes // (PARTS_PER_QUEUE * self.kv.slot_bytes))
+        exchange_round = min(EXCHANGE_ROUND_MAX_BYTES, self.ranks * self.kv.layers
+                             * self.geometry.column_bytes * self.chunk_slots)
+        self.collectives = collectives or TPCollectives(tp_group, self.device, self.exchanges, instance_id,
+                                                        exchange_round, started=not replacement)
         ring_entries = max(1, settings.staging_mib * 2**20 // self.geometry.record_bytes)
         on_disk = settings.code == "file"
         directory = settings.file_dir if on_disk else SHM_DIR
@@ -111,8 +117,6 @@ class Protector:
         self.recoveries: list[dict] = []
         self.errors: dict[str, int] = {}
         self._failure: BaseException | None = None
-        self.queue_bytes = capture_queue_bytes(settings, self.kv)
-        self.chunk_slots = max(1, self.queue_bytes // (PARTS_PER_QUEUE * self.kv.slot_bytes))
         self.work_queue = WorkQueue(self.queue_bytes, self.device)
         self._stream = torch.cuda.Stream() if self.device.type == "cuda" else None
         self._worker = threading.Thread(target=self._work, name="ghostserve-encode", daemon=True)
@@ -224,7 +228,9 @@ class Protector:
         self.holding = True
         self.call(lambda: None)
 
-    def resume_after_rejoin(self) -> None:
+    def resume_after_rejoin(self, generation: int) -> None:
+        """Every rank, at the same point, once the groups are re-formed at ``generation``."""
+        self.collectives.start_exchange(generation)
         self.holding = False
         self._failure = None
 
@@ -251,6 +257,7 @@ class Protector:
         for path in (self.segment.path, self.control.path if self.control else None):
             if path and os.path.exists(path):
                 os.unlink(path)
+        exchange.remove(self.instance_id, self.rank)
 
     def close(self) -> None:
         """Stop the worker and the drain without waiting for queued work (bounded waits). The host

@@ -189,7 +189,7 @@ def _settle(scheduler, protector, lost: list[int], phase: str, batch, phases: di
     every: list = [None] * tp.world_size
     dist.all_gather_object(every, phases, group=tp.cpu_group)
     phases = {name: max(p.get(name, 0.0) for p in every) for name in PHASES if any(name in p for p in every)}
-    protector.resume_after_rejoin()
+    protector.resume_after_rejoin(MEMBERS.generation)
     killed = {req.rid for req in batch.reqs} if phase == "run_batch" and batch is not None else set()
     ended = policy.implicated(MEMBERS.suspects, lost, killed)
     MEMBERS.suspects = policy.Suspects(tuple(lost), frozenset(killed)) if killed and not ended else None
