@@ -4,6 +4,7 @@ parity, the scrub proves it, and SGLang's output is unchanged."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import random
 
 import pytest
@@ -64,6 +65,14 @@ def test_status_shows_each_rank_caught_up(xor_server):
         assert r["errors"] == 0 and r["drops"] == 0
     assert ranks[0]["step"] == ranks[1]["step"]
     assert "protection started" in xor_server.log()
+
+
+def test_ranks_on_one_host_exchange_columns_through_shared_memory(xor_server):
+    """Not over gloo: each rank's mailbox is in /dev/shm while the server runs."""
+    instance = xor_server.control("status")["instance_id"]
+    assert [r["exchange"] for r in xor_server.control("status")["ranks"]] == ["shared memory"] * 2
+    for rank in (0, 1):
+        assert os.path.exists(f"/dev/shm/ghostserve-{instance}-exchange{rank}")
 
 
 def test_human_readable_cli_output(xor_server):

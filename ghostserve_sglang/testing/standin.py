@@ -53,6 +53,8 @@ class EmulatedCollectives:
     same bytes a real all-to-all receives (a device copy, where NCCL would copy over the links); control
     collectives see this rank alone."""
 
+    transport = "emulated"
+
     def __init__(self, ranks: int) -> None:
         self.ranks = ranks
 

@@ -26,8 +26,9 @@ def peer_lost(exc: BaseException) -> bool:
 
 
 class TPCollectives:
-    """``instance_id`` and ``capacity`` (the bytes of the largest exchange round) size the same-host
-    exchange; ``started``: False for a replacement rank, whose exchange starts at the rejoin
+    """``transport``: how columns are exchanged (none, shared memory, gloo or nccl). ``instance_id`` and
+    ``capacity`` (the bytes of the largest exchange round) size the same-host exchange; ``started``:
+    False for a replacement rank, whose exchange starts at the rejoin
     (``start_exchange``) with its peers'."""
 
     def __init__(self, tp_group, device: torch.device, exchanges: bool, instance_id: str = "",
@@ -38,12 +39,14 @@ class TPCollectives:
             self.group = dist.new_group(tp_group.ranks, backend="gloo", timeout=TIMEOUT)
         self.exchange_group = self.group
         self.local = None
+        self.transport = ("none" if self.ranks == 1 or not exchanges
+                          else "nccl" if device.type == "cuda" else "gloo")
         if self.ranks > 1 and exchanges and device.type == "cpu" and instance_id and capture_native.library():
             local = exchange.LocalExchange(instance_id, tp_group.rank_in_group, self.ranks, capacity,
                                            TIMEOUT.total_seconds())
             hosts = self.gather_objects(socket.gethostname())  # and every rank's mailbox exists now
             if len(set(hosts)) == 1:
-                self.local = local
+                self.local, self.transport = local, "shared memory"
                 if started:
                     local.start(0)
             else:

@@ -134,7 +134,8 @@ class Protector:
             self._unlink_on(signum)  # this way starts without parity and recomputes
         log.info("config", rank=self.rank, step=0, **dataclasses.asdict(settings))
         log.info("protection started", rank=self.rank, step=0, code=code, ranks=self.ranks,
-                 parity_shards=parity_shards, record_bytes=self.geometry.record_bytes,
+                 parity_shards=parity_shards, exchange=self.collectives.transport,
+                 record_bytes=self.geometry.record_bytes,
                  slots=self.kv.slots, segment=self.segment.path, ring_entries=ring_entries,
                  capture_queue_bytes=self.queue_bytes, capture_part_slots=self.chunk_slots)
 

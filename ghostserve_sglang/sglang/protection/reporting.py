@@ -28,6 +28,7 @@ def status(protector, restarts: int, extra: dict | None = None) -> dict:
     mine = {
         "rank": p.rank, "pid": os.getpid(), "code": p.settings.code,
         "parity_shards": p.geometry.parity_shards,
+        "exchange": p.collectives.transport,
         "step": p.step, "durable_watermark": p.segment.watermark,
         "lag_steps": counters.lag_steps, "lag_seconds": counters.lag_seconds,
         "live_slots": len(live), "protected_slots": len(protected),
