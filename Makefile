@@ -26,7 +26,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # GhostServe against the paper's baselines on this machine: benchmarks/results/cpu/report.md and plots
-# (about 12 minutes). The single benchmarks in benchmarks/ also run on their own.
+# (about 20 minutes). The single benchmarks in benchmarks/ also run on their own.
 bench: setup
 	$(PY) benchmarks/report.py
 

@@ -38,6 +38,8 @@ from ghostserve_sglang.testing.campaign import await_warm_standbys  # noqa: E402
 from ghostserve_sglang.testing.local_server import launched  # noqa: E402
 
 TP = 2
+DECODE_TOKENS = 128  # new tokens a request in the decode measurement
+PASSES = 2  # every mode runs on this many servers, one a pass (the second pass in reverse order)
 DECODE_GRID = [(1, 128), (4, 128), (16, 128), (4, 1024), (4, 3072)]  # (batch, context)
 RECOVERY_CONTEXTS = [512, 2048, 6144]
 MODES = {  # name -> --ghost-* flags
@@ -88,8 +90,8 @@ def decode_rate(server, prompts: list[list[int]], new_tokens: int) -> float:
 
 
 def measure_throughput(server, rng, rounds: int) -> dict:
-    """Per (batch, context): prefill tokens/s (one new token) and decode tokens/s (64 new tokens,
-    streamed, from the first token on), fresh prompts each time so nothing comes from the prefix
+    """Per (batch, context), one sample a round: prefill tokens/s (one new token) and decode tokens/s
+    (``DECODE_TOKENS`` new tokens, streamed), fresh prompts each time so nothing comes from the prefix
     cache."""
     out = {}
     for batch, context in DECODE_GRID:
@@ -97,9 +99,8 @@ def measure_throughput(server, rng, rounds: int) -> dict:
         for _ in range(rounds):
             t1, _ = timed_batch(server, [prompt(rng, context) for _ in range(batch)], 1)
             prefill.append(batch * context / t1)
-            decode.append(decode_rate(server, [prompt(rng, context) for _ in range(batch)], 64))
-        out[f"{batch}x{context}"] = {"prefill_tps": statistics.median(prefill),
-                                     "decode_tps": statistics.median(decode)}
+            decode.append(decode_rate(server, [prompt(rng, context) for _ in range(batch)], DECODE_TOKENS))
+        out[f"{batch}x{context}"] = {"prefill_tps": prefill, "decode_tps": decode}
     return out
 
 
@@ -122,7 +123,7 @@ def measure_recovery(server, rng, rounds: int) -> dict:
                 reply = server.control("inject-fault", ranks=[1])
                 future.result()
             seconds.append(reply["recovery"]["seconds"])
-        out[str(context)] = statistics.median(seconds)
+        out[str(context)] = seconds
     return out
 
 
@@ -135,7 +136,7 @@ def measure_prefill_time(server, rng, rounds: int) -> dict:
             server.flush_cache()
             elapsed, _ = timed_batch(server, [prompt(rng, context)], 1)
             seconds.append(elapsed)
-        out[str(context)] = statistics.median(seconds)
+        out[str(context)] = seconds
     return out
 
 
@@ -153,10 +154,23 @@ def measure_failure_latency(server, seed: int, batches: int, rate: float) -> dic
                 server.control("inject-fault", ranks=[fault_rng.randrange(TP)])
                 faults += 1
             latencies.extend(future.result()[1])
-    ordered = sorted(latencies)
-    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-    return {"p50": statistics.median(ordered), "p99": p99, "requests": len(ordered),
-            "faulted_batches": faults}
+    return {"latencies": latencies, "faulted_batches": faults}
+
+
+def combined(samples: list) -> object:
+    """One figure from the same measurement on several servers: sample lists are pooled and their
+    median taken; request latencies pooled into p50 and p99; other numbers averaged."""
+    first = samples[0]
+    if isinstance(first, dict) and "latencies" in first:
+        ordered = sorted(x for s in samples for x in s["latencies"])
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        return {"p50": statistics.median(ordered), "p99": p99, "requests": len(ordered),
+                "faulted_batches": sum(s["faulted_batches"] for s in samples)}
+    if isinstance(first, dict):
+        return {key: combined([s[key] for s in samples]) for key in first}
+    if isinstance(first, list):
+        return statistics.median(x for s in samples for x in s)
+    return sum(samples) / len(samples)
 
 
 def protection_facts(server) -> dict:
@@ -271,12 +285,20 @@ def main() -> None:
         figures = plot(results, out)
         (out / "report.md").write_text(render(results, figures, (out / "codec.txt").read_text(), command))
         return
-    results: dict = {"throughput": {}, "facts": {}, "recovery": {}, "failure_latency": {}}
+    raw: dict = {"throughput": {}, "facts": {}, "recovery": {}, "failure_latency": {}}
+
+    def keep(section: str, name: str, value) -> None:
+        raw[section].setdefault(name, []).append(value)
+
     extra = ["--chunked-prefill-size", "4096"]
-    progress = tqdm(MODES.items(), desc="modes", unit="server")
+    # Servers of one mode differ by several per cent on this machine: each mode runs on PASSES servers,
+    # the second pass in reverse order, and each figure pools their samples.
+    runs = [(n, mode, flags) for n in range(PASSES)
+            for mode, flags in (list(MODES.items()) if n % 2 == 0 else list(MODES.items())[::-1])]
+    progress = tqdm(runs, desc="servers", unit="server")
     with tempfile.TemporaryDirectory() as logs:
-        for mode, flags in progress:
-            progress.set_postfix_str(mode)
+        for n, mode, flags in progress:
+            progress.set_postfix_str(f"{mode}, pass {n + 1}")
             rng = random.Random(1)
             ghost = [*flags, "--ghost-enable-fault-injection", "1"] if mode != "off" else flags
             with launched(TP, ghost, extra, log_dir=logs, max_total_tokens=40000) as server:
@@ -285,18 +307,20 @@ def main() -> None:
                 timed_batch(server, [prompt(rng, 64)], 8)  # warm-up
                 if mode == "off":
                     prefill = measure_prefill_time(server, rng, args.rounds)
-                    results["recovery"]["recompute (prefill again)"] = prefill
+                    keep("recovery", "recompute (prefill again)", prefill)
                 if mode != "recompute":
-                    results["throughput"][mode] = measure_throughput(server, rng, args.rounds)
+                    keep("throughput", mode, measure_throughput(server, rng, args.rounds))
                 if mode not in ("off", "recompute"):
-                    results["facts"][mode] = protection_facts(server)
+                    keep("facts", mode, protection_facts(server))
                 if mode in ("xor", "rs", "replicate", "file"):
                     label = {"replicate": "replicate (restore from host)", "file": "file (restore from disk)"}
-                    results["recovery"][label.get(mode, f"{mode} (rebuild)")] = measure_recovery(
-                        server, rng, max(1, args.rounds - 1))
+                    keep("recovery", label.get(mode, f"{mode} (rebuild)"),
+                         measure_recovery(server, rng, max(1, args.rounds - 1)))
                 if mode in ("xor", "replicate", "recompute"):
-                    results["failure_latency"][mode] = measure_failure_latency(
-                        server, 7, args.failure_batches, args.failure_rate)
+                    keep("failure_latency", mode, measure_failure_latency(
+                        server, 7 + n, args.failure_batches, args.failure_rate))
+    results = {section: {name: combined(samples) for name, samples in measured.items()}
+               for section, measured in raw.items()}
     results["stamp"] = stamp(command)  # the run that measured; re-rendering keeps it
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     codec = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec_bench.py"), "--sizes",
@@ -317,8 +341,11 @@ def render(results: dict, figures: list[str], codec: str, command: str) -> str:
     header = results.get("stamp") or stamp(command)
     lines = ["# GhostServe vs the paper's baselines (this machine)", "", header]
     lines += ["## 1. Checkpoint overhead (vs off, same run)", "",
-              "Throughput with each mode divided by throughput with GhostServe off; decode tokens/s is 64 "
-              "new tokens a request, streamed, counted while every request of the batch decodes; "
+              f"Every mode ran on {PASSES} servers (the second pass in reverse order); each figure is the "
+              "median over both servers' rounds. "
+              "Throughput with each mode divided by throughput with GhostServe off; decode tokens/s is "
+              f"{DECODE_TOKENS} new tokens a request, streamed, counted while every request of the batch "
+              "decodes; "
               "prefill tokens/s the one-token requests. A protected server is measured once its "
               "warm standby is ready (the standby's start-up runs at the lowest CPU priority, after "
               "the server is ready).", "",
