@@ -189,6 +189,7 @@ def protection_facts(server) -> dict:
         "capture_ms_per_step": 1000 * max(r["capture_seconds"] for r in ranks) / steps,
         "worker_ms_per_step": 1000 * max(r["worker_seconds"] for r in ranks) / steps,
         "worker_cpu_ms_per_step": 1000 * max(r["worker_cpu_seconds"] for r in ranks) / steps,
+        "worker_wait_ms_per_step": 1000 * max(r.get("exchange_wait_seconds", 0.0) for r in ranks) / steps,
         "drain_ms_per_step": 1000 * max(r["drain_write_seconds"] for r in ranks) / steps,
     }
 
@@ -359,8 +360,8 @@ def render(results: dict, figures: list[str], codec: str, command: str) -> str:
     lines += ["", f"![overhead]({figures[0]})", "",
               "## 2. Checkpoint latency and host memory (vs replicate)", "",
               "| mode | KV written -> durable p50 (ms) | p99 (ms) | p50 / replicate | host bytes per "
-              "protected token | / replicate | GhostServe ms per step: capture / worker (its CPU) / "
-              "drain |",
+              "protected token | / replicate | GhostServe ms per step: capture / worker (of it waiting for "
+              "peers; its CPU) / drain |",
               "|---|---:|---:|---:|---:|---:|---|"]
     base = f["replicate"]
     for mode, x in f.items():
@@ -369,7 +370,8 @@ def render(results: dict, figures: list[str], codec: str, command: str) -> str:
             f"| {mode} | {p50 * 1e3:.3f} | {p99 * 1e3:.3f} | {p50 / base['checkpoint_latency_p50']:.3f} | "
             f"{x['bytes_per_token']:.0f} | {x['bytes_per_token'] / base['bytes_per_token']:.3f} | "
             f"{x['capture_ms_per_step']:.3f} / {x['worker_ms_per_step']:.3f} "
-            f"({x['worker_cpu_ms_per_step']:.3f}) / {x['drain_ms_per_step']:.3f} |")
+            f"({x.get('worker_wait_ms_per_step', 0.0):.3f}; {x['worker_cpu_ms_per_step']:.3f}) / "
+            f"{x['drain_ms_per_step']:.3f} |")
     lines += ["", f"![checkpoint]({figures[1]})", "",
               "## 3. Recovery time vs live context (vs replicate restore and vs recompute)", "",
               "| context tokens | " + " | ".join(r) + " |", "|---:|" + "---:|" * len(r)]

@@ -39,7 +39,11 @@ def rank_main(instance: str, rank: int, results, barrier, dies: bool) -> None:
             send = torch.stack([sent(rank, to, n, seed + epoch) for to in range(RANKS)])
             got = ex.all_to_all(send)
             ok &= all(torch.equal(got[i], sent(i, rank, n, seed + epoch)) for i in range(RANKS))
-    results.put(("exchanged", rank, ok))
+    waited = ex.wait_seconds
+    if rank == 2:
+        time.sleep(0.3)  # late to one round: the others wait for it, and count the wait
+    ex.all_to_all(torch.zeros((RANKS, 4), dtype=torch.uint8))
+    results.put(("exchanged", rank, ok, ex.wait_seconds - waited))
     if dies:
         results.close()
         results.join_thread()  # its last message sent
@@ -68,6 +72,7 @@ def test_ranks_receive_what_each_peer_sent_and_a_dead_peer_ends_the_wait():
             process.join(timeout=30)
     assert sorted(m[1] for m in messages if m[0] == "exchanged") == [0, 1, 2]
     assert all(m[2] for m in messages if m[0] == "exchanged"), messages
+    assert all(m[3] >= 0.25 for m in messages if m[0] == "exchanged" and m[1] != 2), messages
     after = [m for m in messages if m[0] == "after death"]
     assert len(after) == 2 and all(m[2].startswith("True Connection closed: rank 2") for m in after), after
     assert all(m[3] < 5 for m in after), after  # found out within seconds, not at the 30 s timeout

@@ -54,6 +54,7 @@ class EmulatedCollectives:
     collectives see this rank alone."""
 
     transport = "emulated"
+    wait_seconds = 0.0
 
     def __init__(self, ranks: int) -> None:
         self.ranks = ranks

@@ -54,6 +54,11 @@ class TPCollectives:
         if self.ranks > 1 and device.type == "cuda" and exchanges:
             self.exchange_group = dist.new_group(tp_group.ranks, backend="nccl", timeout=TIMEOUT)
 
+    @property
+    def wait_seconds(self) -> float:
+        """Time the exchange spent waiting for peers to arrive (measured for the same-host exchange)."""
+        return self.local.wait_seconds if self.local is not None else 0.0
+
     def start_exchange(self, epoch: int) -> None:
         """Every rank, at the same point after a rejoin: the same-host exchange starts over."""
         if self.local is not None:

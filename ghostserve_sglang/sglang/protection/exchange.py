@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import time
 
 import torch
 
@@ -85,6 +86,7 @@ class LocalExchange:
         self.own = _Mailbox(mailbox_path(instance_id, rank), self.capacity)
         self.peers: dict[int, _Mailbox] = {}
         self.epoch, self.round = NOT_STARTED, 0
+        self.wait_seconds = 0.0  # spent waiting for peers' posts (they arrive later than this rank)
 
     def start(self, epoch: int) -> None:
         """Every rank, at the same point, once every rank's mailbox exists and with no exchange in flight
@@ -121,16 +123,19 @@ class LocalExchange:
             out[j].copy_(peer.buffer(self.round)[mine])
 
     def _wait(self, j: int, peer: _Mailbox) -> None:
-        waited = 0.0
+        started, waited = time.perf_counter(), 0.0
         while self.lib.ghost_mailbox_wait(peer.word(_EPOCH), peer.word(_ROUND), self.epoch, self.round,
                                           int(CHECK_SECONDS * 1e9)):
             waited += CHECK_SECONDS
+            self.wait_seconds += time.perf_counter() - started
+            started = time.perf_counter()
             if not pid_alive(peer.pid):
                 raise ConnectionError(f"Connection closed: rank {j} (pid {peer.pid}) of the same-host "
                                       "exchange is gone")
             if waited >= self.timeout_s:
                 raise ConnectionError(f"Connection closed: rank {j} posted no exchange round in "
                                       f"{self.timeout_s:.0f} s")
+        self.wait_seconds += time.perf_counter() - started
 
     def close(self, unlink: bool = True) -> None:
         for peer in self.peers.values():

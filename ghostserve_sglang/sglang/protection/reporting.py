@@ -45,6 +45,7 @@ def status(protector, restarts: int, extra: dict | None = None) -> dict:
         "steps_lost_with_peer": p.steps_lost_with_peer,
         "capture_seconds": p.seconds["capture"], "worker_seconds": p.seconds["worker"],
         "worker_cpu_seconds": p.seconds["worker_cpu"],
+        "exchange_wait_seconds": p.collectives.wait_seconds,
         "drain_write_seconds": counters.write_seconds,
         "checkpoint_latency_seconds": quantiles(p.drain.latencies()),
         **(extra or {}),
