@@ -123,39 +123,40 @@ class LocalExchange:
             out[j].copy_(peer.buffer(self.round)[mine])
 
     def _wait(self, j: int, peer: _Mailbox) -> None:
-        started, waited = time.perf_counter(), 0.0
-        while self.lib.ghost_mailbox_wait(peer.word(_EPOCH), peer.word(_ROUND), self.epoch, self.round,
-                                          int(CHECK_SECONDS * 1e9)):
-            waited += CHECK_SECONDS
+        started = time.perf_counter()
+        try:
+            while self.lib.ghost_mailbox_wait(peer.word(_EPOCH), peer.word(_ROUND), self.epoch, self.round,
+                                              int(CHECK_SECONDS * 1e9)):
+                if not pid_alive(peer.pid):
+                    raise ConnectionError(f"Connection closed: rank {j} (pid {peer.pid}) of the same-host "
+                                          "exchange is gone")
+                if time.perf_counter() - started >= self.timeout_s:
+                    raise ConnectionError(f"Connection closed: rank {j} posted no exchange round in "
+                                          f"{self.timeout_s:.0f} s")
+        finally:
             self.wait_seconds += time.perf_counter() - started
-            started = time.perf_counter()
-            if not pid_alive(peer.pid):
-                raise ConnectionError(f"Connection closed: rank {j} (pid {peer.pid}) of the same-host "
-                                      "exchange is gone")
-            if waited >= self.timeout_s:
-                raise ConnectionError(f"Connection closed: rank {j} posted no exchange round in "
-                                      f"{self.timeout_s:.0f} s")
-        self.wait_seconds += time.perf_counter() - started
 
-    def close(self, unlink: bool = True) -> None:
+    def close(self) -> None:
+        """Unmap the mailboxes and remove this rank's."""
         for peer in self.peers.values():
             peer.close()
         self.peers = {}
         self.own.close()
-        if unlink:
-            remove(self.instance_id, self.rank)
+        remove(self.instance_id, self.rank)
 
 
 def remove(instance_id: str, rank: int | None = None, directory: str = SHM_DIR) -> list[str]:
     """Delete rank ``rank``'s mailbox (every rank's when None); returns the paths removed."""
-    prefix = os.path.basename(mailbox_path(instance_id, 0, directory))[:-1]
+    if rank is not None:
+        paths = [mailbox_path(instance_id, rank, directory)]
+    else:
+        prefix = os.path.basename(mailbox_path(instance_id, 0, directory))[:-1]
+        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        paths = [os.path.join(directory, name) for name in names
+                 if name.startswith(prefix) and name[len(prefix):].isdigit()]
     removed = []
-    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
-        if name.startswith(prefix) and (name[len(prefix):] == str(rank) if rank is not None
-                                        else name[len(prefix):].isdigit()):
-            try:
-                os.unlink(os.path.join(directory, name))
-                removed.append(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
     return removed

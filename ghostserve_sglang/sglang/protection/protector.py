@@ -2,8 +2,9 @@
 encode parity and hand it to the drain; run control requests' work on its worker thread.
 
 The scheduler thread only gathers the written slots' bytes and queues them. A worker thread owns
-everything collective (the column all-to-all and the control requests' gathers) on a dedicated group,
-so SGLang's own collectives never interleave with ours, and it handles queued steps, frees and control
+everything collective (the column all-to-all and the control requests' gathers) on GhostServe's own
+groups or same-host exchange (``collectives.py``), so SGLang's own collectives never interleave with
+ours, and it handles queued steps, frees and control
 requests strictly in the order the scheduler issued them, which is the same on every rank.
 
 Parity placement (DESIGN §4): each rank's bytes of a slot-layer are cut into N column chunks; rank j
