@@ -89,18 +89,28 @@ def decode_rate(server, prompts: list[list[int]], new_tokens: int) -> float:
     return tokens / max(end - start, 1e-9)
 
 
-def measure_throughput(server, rng, rounds: int) -> dict:
-    """Per (batch, context), one sample a round: prefill tokens/s (one new token) and decode tokens/s
-    (``DECODE_TOKENS`` new tokens, streamed), fresh prompts each time so nothing comes from the prefix
-    cache."""
-    out = {}
+def measure_throughput(servers: dict, rng, rounds: int) -> dict:
+    """Per server (name -> server, the baseline first) and per (batch, context), one sample a round:
+    prefill tokens/s (one new token) and decode tokens/s (``DECODE_TOKENS`` new tokens, streamed). The
+    servers take turns on the same fresh prompts (nothing comes from a prefix cache), in an order that
+    alternates by round, so that each sample has a baseline sample taken beside it in time; ``*_vs_off``
+    holds those ratios, round by round."""
+    names = list(servers)
+    out: dict = {name: {} for name in names}
     for batch, context in DECODE_GRID:
-        prefill, decode = [], []
-        for _ in range(rounds):
-            t1, _ = timed_batch(server, [prompt(rng, context) for _ in range(batch)], 1)
-            prefill.append(batch * context / t1)
-            decode.append(decode_rate(server, [prompt(rng, context) for _ in range(batch)], DECODE_TOKENS))
-        out[f"{batch}x{context}"] = {"prefill_tps": prefill, "decode_tps": decode}
+        samples = {name: {"prefill_tps": [], "decode_tps": []} for name in names}
+        for round_ in range(rounds):
+            short = [prompt(rng, context) for _ in range(batch)]
+            long = [prompt(rng, context) for _ in range(batch)]
+            for name in names if round_ % 2 == 0 else names[::-1]:
+                seconds, _ = timed_batch(servers[name], short, 1)
+                samples[name]["prefill_tps"].append(batch * context / seconds)
+                samples[name]["decode_tps"].append(decode_rate(servers[name], long, DECODE_TOKENS))
+        for name in names:
+            for kind in ("prefill", "decode"):
+                samples[name][f"{kind}_vs_off"] = [x / base for x, base in zip(
+                    samples[name][f"{kind}_tps"], samples[names[0]][f"{kind}_tps"])]
+            out[name][f"{batch}x{context}"] = samples[name]
     return out
 
 
@@ -218,7 +228,7 @@ def plot(results: dict, out: Path) -> list[str]:
     for ax, kind in zip(axes, ("decode_tps", "prefill_tps")):
         width = 0.8 / len(modes)
         for i, mode in enumerate(modes):
-            ratios = [overhead[mode][c][kind] / overhead["off"][c][kind] for c in configs]
+            ratios = [overhead[mode][c][kind.replace("_tps", "_vs_off")] for c in configs]
             ax.bar([x + i * width for x in range(len(configs))], ratios, width, label=mode)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(configs))], configs)
@@ -272,7 +282,7 @@ def plot(results: dict, out: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu"))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--failure-batches", type=int, default=48)
     parser.add_argument("--failure-rate", type=float, default=0.15)
     parser.add_argument("--render-only", action="store_true", help="re-render report.md and the plots "
@@ -291,35 +301,39 @@ def main() -> None:
     def keep(section: str, name: str, value) -> None:
         raw[section].setdefault(name, []).append(value)
 
-    extra = ["--chunked-prefill-size", "4096"]
-    # Servers of one mode differ by several per cent on this machine: each mode runs on PASSES servers,
-    # the second pass in reverse order, and each figure pools their samples.
-    runs = [(n, mode, flags) for n in range(PASSES)
-            for mode, flags in (list(MODES.items()) if n % 2 == 0 else list(MODES.items())[::-1])]
-    progress = tqdm(runs, desc="servers", unit="server")
+    # --sleep-on-idle: an idle SGLang scheduler on CPU otherwise polls for requests on every core (140 %
+    # CPU), and the baseline server stays up, idle, beside the server being measured.
+    extra = ["--chunked-prefill-size", "4096", "--sleep-on-idle"]
+    modes = [mode for mode in MODES if mode != "off"]
+    progress = tqdm(total=PASSES * len(modes), desc="servers", unit="server")
     with tempfile.TemporaryDirectory() as logs:
-        for n, mode, flags in progress:
-            progress.set_postfix_str(f"{mode}, pass {n + 1}")
-            rng = random.Random(1)
-            ghost = [*flags, "--ghost-enable-fault-injection", "1"] if mode != "off" else flags
-            with launched(TP, ghost, extra, log_dir=logs, max_total_tokens=40000) as server:
-                if mode != "off":  # measured in the steady state: its warm-up done, a standby waits
-                    await_warm_standbys(server, 1)
-                timed_batch(server, [prompt(rng, 64)], 8)  # warm-up
-                if mode == "off":
-                    prefill = measure_prefill_time(server, rng, args.rounds)
-                    keep("recovery", "recompute (prefill again)", prefill)
-                if mode != "recompute":
-                    keep("throughput", mode, measure_throughput(server, rng, args.rounds))
-                if mode not in ("off", "recompute"):
-                    keep("facts", mode, protection_facts(server))
-                if mode in ("xor", "rs", "replicate", "file"):
-                    label = {"replicate": "replicate (restore from host)", "file": "file (restore from disk)"}
-                    keep("recovery", label.get(mode, f"{mode} (rebuild)"),
-                         measure_recovery(server, rng, max(1, args.rounds - 1)))
-                if mode in ("xor", "replicate", "recompute"):
-                    keep("failure_latency", mode, measure_failure_latency(
-                        server, 7 + n, args.failure_batches, args.failure_rate))
+        # Servers differ by several per cent on this machine, and so does one server over minutes: each
+        # pass keeps a baseline server (off) up and measures every mode's server beside it, the two
+        # taking turns; the second pass runs the modes in reverse order, and each figure pools both.
+        for n in range(PASSES):
+            with launched(TP, MODES["off"], extra, log_dir=logs, max_total_tokens=40000) as baseline:
+                rng = random.Random(1 + n)
+                timed_batch(baseline, [prompt(rng, 64)], 8)  # warm-up
+                prefill = measure_prefill_time(baseline, rng, args.rounds)
+                keep("recovery", "recompute (prefill again)", prefill)
+                for mode in modes if n % 2 == 0 else modes[::-1]:
+                    progress.set_postfix_str(f"{mode}, pass {n + 1}")
+                    ghost = [*MODES[mode], "--ghost-enable-fault-injection", "1"]
+                    with launched(TP, ghost, extra, log_dir=logs, max_total_tokens=40000) as server:
+                        await_warm_standbys(server, 1)  # measured in the steady state: a standby waits
+                        timed_batch(server, [prompt(rng, 64)], 8)  # warm-up
+                        if mode != "recompute":
+                            both = measure_throughput({"off": baseline, mode: server}, rng, args.rounds)
+                            for name, measured in both.items():
+                                keep("throughput", name, measured)
+                            keep("facts", mode, protection_facts(server))
+                            label = {"replicate": "replicate (restore from host)",
+                                     "file": "file (restore from disk)"}.get(mode, f"{mode} (rebuild)")
+                            keep("recovery", label, measure_recovery(server, rng, max(1, args.rounds - 1)))
+                        if mode in ("xor", "replicate", "recompute"):
+                            keep("failure_latency", mode, measure_failure_latency(
+                                server, 7 + n, args.failure_batches, args.failure_rate))
+                    progress.update()
     results = {section: {name: combined(samples) for name, samples in measured.items()}
                for section, measured in raw.items()}
     results["stamp"] = stamp(command)  # the run that measured; re-rendering keeps it
@@ -342,21 +356,22 @@ def render(results: dict, figures: list[str], codec: str, command: str) -> str:
     header = results.get("stamp") or stamp(command)
     lines = ["# GhostServe vs the paper's baselines (this machine)", "", header]
     lines += ["## 1. Checkpoint overhead (vs off, same run)", "",
-              f"Every mode ran on {PASSES} servers (the second pass in reverse order); each figure is the "
-              "median over both servers' rounds. "
-              "Throughput with each mode divided by throughput with GhostServe off; decode tokens/s is "
-              f"{DECODE_TOKENS} new tokens a request, streamed, counted while every request of the batch "
-              "decodes; "
-              "prefill tokens/s the one-token requests. A protected server is measured once its "
-              "warm standby is ready (the standby's start-up runs at the lowest CPU priority, after "
-              "the server is ready).", "",
+              f"Each protected mode ran on {PASSES} servers (the second pass in reverse order), each "
+              "beside a server with GhostServe off that stayed up for the pass; the two took turns on the "
+              "same prompts, so every sample of a mode has an off sample taken next to it in time. "
+              "Tokens/s are medians over the samples; '/ off' is the median of the paired ratios. Decode "
+              f"tokens/s is {DECODE_TOKENS} new tokens a request, streamed, counted while every request "
+              "of the batch decodes; prefill tokens/s the one-token requests. A protected server is "
+              "measured once its warm standby is ready (the standby's start-up runs at the lowest CPU "
+              "priority, after the server is ready). Every server runs with `--sleep-on-idle`.", "",
               "| batch x context | mode | decode tok/s | decode / off | prefill tok/s | prefill / off |",
               "|---|---|---:|---:|---:|---:|"]
     for config in t["off"]:
         for mode in t:
-            d, p = t[mode][config]["decode_tps"], t[mode][config]["prefill_tps"]
-            lines.append(f"| {config} | {mode} | {d:.0f} | {d / t['off'][config]['decode_tps']:.3f} | "
-                         f"{p:.0f} | {p / t['off'][config]['prefill_tps']:.3f} |")
+            x = t[mode][config]
+            ratios = (1.0, 1.0) if mode == "off" else (x["decode_vs_off"], x["prefill_vs_off"])
+            lines.append(f"| {config} | {mode} | {x['decode_tps']:.0f} | {ratios[0]:.3f} | "
+                         f"{x['prefill_tps']:.0f} | {ratios[1]:.3f} |")
     lines += ["", f"![overhead]({figures[0]})", "",
               "## 2. Checkpoint latency and host memory (vs replicate)", "",
               "| mode | KV written -> durable p50 (ms) | p99 (ms) | p50 / replicate | host bytes per "
@@ -391,7 +406,7 @@ def render(results: dict, figures: list[str], codec: str, command: str) -> str:
     long = str(max(int(c) for c in next(iter(r.values()))))
     rebuild = r["xor (rebuild)"][long]
     restore = r["replicate (restore from host)"][long]
-    decode = statistics.median(t["xor"][c]["decode_tps"] / t["off"][c]["decode_tps"] for c in t["off"])
+    decode = statistics.median(t["xor"][c]["decode_vs_off"] for c in t["off"])
     p50_gain = fl["recompute"]["p50"] / fl["xor"]["p50"]
     latency_gain = rep["checkpoint_latency_p50"] / xor["checkpoint_latency_p50"]
     lines += ["## Against the paper's claims", "",

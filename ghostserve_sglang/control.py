@@ -18,6 +18,8 @@ import queue
 import socket
 import threading
 
+from . import threads
+
 OPS = ("status", "scrub", "recover", "inject-fault", "corrupt-parity", "drain", "kill-rank", "hang-rank")
 
 
@@ -53,7 +55,7 @@ class ControlServer:
         self._incoming: queue.Queue[ControlRequest] = queue.Queue()
         self._waiting: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, name="ghostserve-control", daemon=True).start()
+        threads.daemon(self._accept, "ghostserve-control").start()
 
     def _accept(self) -> None:
         while True:

@@ -1,5 +1,6 @@
 """The same-host column exchange (shared-memory mailboxes, futex waits) between real processes: every
-rank receives exactly what each peer sent it, in rounds smaller and larger than its buffers, again after
+rank receives exactly what each peer sent it, or the XOR of it (xor parity's reduce-scatter), in rounds
+smaller and larger than its buffers (rows of 5 bytes: not whole 8-byte words), again after
 a restart at a new epoch; a peer's death ends a waiting exchange with an error the protector counts as a
 lost peer, and its mailbox files are removed."""
 
@@ -39,6 +40,10 @@ def rank_main(instance: str, rank: int, results, barrier, dies: bool) -> None:
             send = torch.stack([sent(rank, to, n, seed + epoch) for to in range(RANKS)])
             got = ex.all_to_all(send)
             ok &= all(torch.equal(got[i], sent(i, rank, n, seed + epoch)) for i in range(RANKS))
+            xored = sent(0, rank, n, seed + epoch)
+            for i in range(1, RANKS):
+                xored ^= sent(i, rank, n, seed + epoch)
+            ok &= torch.equal(ex.reduce_scatter_xor(send), xored)  # xor parity of this rank's columns
     waited = ex.wait_seconds
     if rank == 2:
         time.sleep(0.3)  # late to one round: the others wait for it, and count the wait

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from ..threads import daemon
 from .geometry import StoreError
 from .segment import RING_HEAD, RING_TAIL, WATERMARK, ParitySegment
 
@@ -98,7 +99,7 @@ class ParityDrain:
         self._stopping = False
         self._failure: BaseException | None = None
         self._counters = DrainCounters()
-        self._thread = threading.Thread(target=self._run, name="ghostserve-drain", daemon=True)
+        self._thread = daemon(self._run, "ghostserve-drain")
 
     # -- producer side ---------------------------------------------------------------------------
     def start(self) -> ParityDrain:

@@ -55,6 +55,7 @@ class EmulatedCollectives:
 
     transport = "emulated"
     wait_seconds = 0.0
+    reduces_xor = False
 
     def __init__(self, ranks: int) -> None:
         self.ranks = ranks

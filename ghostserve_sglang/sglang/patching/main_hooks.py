@@ -4,8 +4,7 @@ failure reports of the ranks to the supervisor (``restart.supervisor``; docs/ran
 
 from __future__ import annotations
 
-import threading
-
+from ... import threads
 from ..restart.supervisor import SUPERVISOR
 
 
@@ -53,4 +52,4 @@ def running_phase_sigquit(wrapped, instance, args, kwargs):
         SUPERVISOR.clean_up()
     if not SUPERVISOR.processes or SUPERVISOR.standing_down:
         return wrapped(*args, **kwargs)
-    threading.Thread(target=SUPERVISOR.on_failure_report, name="ghostserve-fail-stop", daemon=True).start()
+    threads.daemon(SUPERVISOR.on_failure_report, "ghostserve-fail-stop").start()

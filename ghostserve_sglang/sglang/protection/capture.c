@@ -5,7 +5,9 @@
  *   GhostServe's other threads take the GIL from the forward step);
  * - the same-host exchange's signalling: a rank posts an exchange round in its mailbox (a counter in
  *   shared memory, a futex word) and waits for its peers' posts, spinning briefly, then sleeping on the
- *   futex, where gloo's all-to-all took about 0.3 ms a round over loopback TCP (exchange.py).
+ *   futex, where gloo's all-to-all took about 0.3 ms a round over loopback TCP (exchange.py); and its
+ *   copies in and out of the mailboxes, which for xor parity XOR the peers' columns straight into the
+ *   records (a reduce-scatter).
  *
  * Gather: layers are given as tables of their K and V buffers' addresses (rows of ``half`` bytes, one
  * per slot). Each slot-layer's K bytes then V bytes are cut into ``ranks`` columns of ``column`` bytes,
@@ -82,6 +84,33 @@ void ghost_mailbox_reset(int64_t *epoch_word, uint32_t *round_word, int64_t epoc
 void ghost_mailbox_post(uint32_t *round_word, uint32_t round) {
     __atomic_store_n(round_word, round, __ATOMIC_RELEASE);
     syscall(SYS_futex, round_word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Copies ``rows`` rows of ``width`` bytes, ``stride`` bytes apart in ``src``, back to back into ``dst``
+ * (this rank's buffer of the round), then posts ``round``. */
+void ghost_mailbox_send(uint8_t *dst, const uint8_t *src, int64_t rows, int64_t width, int64_t stride,
+                        uint32_t *round_word, uint32_t round) {
+    for (int64_t r = 0; r < rows; r++)
+        memcpy(dst + r * width, src + r * stride, (size_t)width);
+    ghost_mailbox_post(round_word, round);
+}
+
+/* ``n`` bytes of a posted round into ``out``: copied (``xor`` 0) or XORed into what ``out`` holds. */
+void ghost_mailbox_take(uint8_t *out, const uint8_t *src, int64_t n, int xor) {
+    if (!xor) {
+        memcpy(out, src, (size_t)n);
+        return;
+    }
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t a, b;
+        memcpy(&a, out + i, 8);
+        memcpy(&b, src + i, 8);
+        a ^= b;
+        memcpy(out + i, &a, 8);
+    }
+    for (; i < n; i++)
+        out[i] ^= src[i];
 }
 
 /* 0 once the peer's mailbox holds ``round`` of ``epoch`` (or a later round); 1 after ``timeout_ns``. */

@@ -29,6 +29,10 @@ def library() -> ctypes.CDLL | None:
         lib.ghost_mailbox_post.restype = None
         lib.ghost_mailbox_wait.argtypes = [ptr, ptr, i64, u32, i64]
         lib.ghost_mailbox_wait.restype = ctypes.c_int
+        lib.ghost_mailbox_send.argtypes = [ptr, ptr, i64, i64, i64, ptr, u32]
+        lib.ghost_mailbox_send.restype = None
+        lib.ghost_mailbox_take.argtypes = [ptr, ptr, i64, ctypes.c_int]
+        lib.ghost_mailbox_take.restype = None
     return lib
 
 

@@ -74,6 +74,15 @@ class TPCollectives:
         dist.all_to_all_single(received, send, group=self.exchange_group)
         return received
 
+    @property
+    def reduces_xor(self) -> bool:
+        """Whether ``reduce_scatter_xor`` runs here (the same-host exchange)."""
+        return self.local is not None
+
+    def reduce_scatter_xor(self, send: torch.Tensor) -> torch.Tensor:
+        """The XOR of every rank's entry ``rank`` of ``send``: xor parity's exchange and encode."""
+        return self.local.reduce_scatter_xor(send)
+
     def all_reduce(self, tensor: torch.Tensor, op) -> None:
         if self.group is not None:
             dist.all_reduce(tensor, op=op, group=self.group)

@@ -49,6 +49,8 @@ class ColumnEncoder:
         self.use_triton = device.type == "cuda" if use_triton is None else use_triton
         rows = getattr(self.code, "parity_rows", [[1] * ranks])
         self.all_ones = all(c == 1 for row in rows for c in row)
+        # Parity is the XOR of the columns (xor; rs with one parity shard): an exchange may reduce.
+        self.is_xor = self.all_ones and parity_shards == 1 and code != "replicate"
         self.coefficients = torch.tensor(rows, dtype=torch.int32, device=device)
 
     def encode(self, received: torch.Tensor) -> torch.Tensor:

@@ -63,9 +63,8 @@ class _Mailbox:
     def pid(self) -> int:
         return int(self.bytes[_PID:_PID + 8].view(torch.int64)[0])
 
-    def buffer(self, round_: int) -> torch.Tensor:
-        start = HEADER_BYTES + (round_ % 2) * self.capacity
-        return self.bytes[start:start + self.capacity]
+    def buffer_address(self, round_: int) -> int:
+        return self.address + HEADER_BYTES + (round_ % 2) * self.capacity
 
     def close(self) -> None:
         self.bytes = None
@@ -100,27 +99,38 @@ class LocalExchange:
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """Entry i of ``send`` (contiguous, on CPU) goes to rank i; entry i of the result came from it."""
-        if self.epoch == NOT_STARTED:
-            raise RuntimeError("the same-host exchange was used before it started")
         received = torch.empty_like(send)
-        flat = send.view(torch.uint8).reshape(self.ranks, -1)
-        out = received.view(torch.uint8).reshape(self.ranks, -1)
-        share, window = flat.shape[1], self.capacity // self.ranks
-        for start in range(0, share, window):
-            stop = min(share, start + window)
-            self._round(flat[:, start:stop], out[:, start:stop])
+        self._rounds(send, received, xor=False)
         return received
 
-    def _round(self, send: torch.Tensor, out: torch.Tensor) -> None:
+    def reduce_scatter_xor(self, send: torch.Tensor) -> torch.Tensor:
+        """The XOR of every rank's entry ``rank`` of ``send`` (``[ranks, ...]``, contiguous, on CPU):
+        the exchange and xor parity's encode in one pass, the peers' bytes XORed as they are read."""
+        reduced = torch.empty_like(send[0])
+        self._rounds(send, reduced, xor=True)
+        return reduced
+
+    def _rounds(self, send: torch.Tensor, out: torch.Tensor, xor: bool) -> None:
+        if self.epoch == NOT_STARTED:
+            raise RuntimeError("the same-host exchange was used before it started")
+        share = send.nbytes // self.ranks
+        window = self.capacity // self.ranks
+        for start in range(0, share, window):
+            self._round(send.data_ptr() + start, share, out.data_ptr() + start, 0 if xor else share,
+                        min(window, share - start), xor)
+
+    def _round(self, send: int, stride: int, out: int, out_stride: int, width: int, xor: bool) -> None:
+        """One round: ``width`` bytes of each rank's entry (``stride`` apart from ``send``) out; from
+        each rank, its ``width`` bytes for this rank into ``out`` (entry j at ``j * out_stride``),
+        or XORed together there."""
         self.round = (self.round + 1) & 0xFFFFFFFF
-        width = send.shape[1]
-        self.own.buffer(self.round)[:self.ranks * width].view(self.ranks, width).copy_(send)
-        self.lib.ghost_mailbox_post(self.own.word(_ROUND), self.round)
-        out[self.rank].copy_(send[self.rank])
-        mine = slice(self.rank * width, (self.rank + 1) * width)
+        own = self.own.buffer_address(self.round)
+        self.lib.ghost_mailbox_send(own, send, self.ranks, width, stride, self.own.word(_ROUND), self.round)
+        self.lib.ghost_mailbox_take(out + self.rank * out_stride, own + self.rank * width, width, 0)
         for j, peer in self.peers.items():
             self._wait(j, peer)
-            out[j].copy_(peer.buffer(self.round)[mine])
+            self.lib.ghost_mailbox_take(out + j * out_stride, peer.buffer_address(self.round)
+                                        + self.rank * width, width, int(xor))
 
     def _wait(self, j: int, peer: _Mailbox) -> None:
         started = time.perf_counter()

@@ -19,12 +19,12 @@ import dataclasses
 import os
 import queue
 import signal
-import threading
 import time
 
 import structlog
 import torch
 
+from ... import threads
 from ...control import ControlServer
 from ...settings import Settings
 from ...store.drain import ParityDrain
@@ -120,15 +120,14 @@ class Protector:
         self._failure: BaseException | None = None
         self.work_queue = WorkQueue(self.queue_bytes, self.device)
         self._stream = torch.cuda.Stream() if self.device.type == "cuda" else None
-        self._worker = threading.Thread(target=self._work, name="ghostserve-encode", daemon=True)
+        self._worker = threads.daemon(self._work, "ghostserve-encode")
         self._worker.start()
         self.control = ControlServer(instance_id) if self.rank == 0 else None
         from ...metrics import Metrics  # after SGLang set PROMETHEUS_MULTIPROC_DIR
 
         self.metrics = Metrics(self.rank, settings.code)
         self.metrics.set("ghostserve_host_store_capacity_bytes", self.segment.size_bytes)
-        self._reporter = threading.Thread(target=reporting.refresh_metrics, args=(self,),
-                                          name="ghostserve-metrics", daemon=True)
+        self._reporter = threads.daemon(reporting.refresh_metrics, "ghostserve-metrics", (self,))
         self._reporter.start()
         atexit.register(self.close)
         for signum in (signal.SIGTERM, signal.SIGINT):  # a stop; a replacement of a rank stopped
@@ -357,8 +356,13 @@ class Protector:
 
     def encode_columns(self, columns: torch.Tensor) -> torch.Tensor:
         """Records of captured ``columns`` (``kv.gather_columns(slots, *self.cut)``): exchanged first
-        for xor and rs (collective)."""
-        return self.encoder.encode(self.all_to_all(columns) if self.exchanges else columns)
+        for xor and rs (collective); where parity is the XOR of the columns and the exchange can
+        reduce, both in one pass."""
+        if not self.exchanges:
+            return self.encoder.encode(columns)
+        if self.encoder.is_xor and self.collectives.reduces_xor:
+            return self.collectives.reduce_scatter_xor(columns).view(columns.shape[1], -1)
+        return self.encoder.encode(self.all_to_all(columns))
 
     # -- collectives on GhostServe's own groups (worker thread) ------------------------------------
     def exchange_columns(self, slots: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import time
 
 import structlog
 
+from ... import threads
 from . import journal, liveness, membership
 from .policy import RestartPolicy
 from .standby import Standbys
@@ -103,7 +104,7 @@ class Supervisor:
         self.processes = list(processes)
         self.started_at = time.time()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="ghostserve-supervisor", daemon=True)
+            self._thread = threads.daemon(self._watch, "ghostserve-supervisor")
             self._thread.start()
 
     def attach_tokenizer_manager(self, tokenizer_manager) -> None:
