@@ -3,6 +3,7 @@ capture queue's byte bound, captures in parts, and scrub and rebuild in parts.""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -87,3 +88,13 @@ def test_a_closed_queue_releases_a_waiting_producer_and_the_worker():
     waiting.join(5)
     assert not waiting.is_alive()
     assert queue.get() is None and queue.put(("c",), 1) is False
+
+
+def test_ghostserve_threads_carry_their_names_at_the_os_level(protector):
+    """``top -H`` and ``ps -L`` tell GhostServe's threads apart from SGLang's: the OS names of this
+    process's threads include the worker's, the drain's and the metrics refresher's."""
+    names = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as comm:
+            names.add(comm.read().strip())
+    assert {"gs-encode", "gs-drain", "gs-metrics"} <= names, names
