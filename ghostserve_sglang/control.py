@@ -5,7 +5,7 @@ appended to the requests rank 0 pulls in its next loop iteration, so SGLang's ow
 to every rank and all ranks handle it at the same point between two steps. Rank 0 writes the reply.
 Each connection carries one JSON line each way.
 
-May import: nothing else in the package.
+May import: threads.
 """
 
 from __future__ import annotations

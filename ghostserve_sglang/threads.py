@@ -1,6 +1,9 @@
 """GhostServe's background threads, named as the operating system sees them too, so that ``top -H``,
 ``ps -L`` and profilers tell them apart from the SGLang process they run in (Python before 3.14 leaves
-every thread with its process's name): a thread ``ghostserve-drain`` shows as ``gs-drain``."""
+every thread with its process's name): a thread ``ghostserve-drain`` shows as ``gs-drain``.
+
+May import: nothing else in the package.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The same-host column exchange (shared-memory mailboxes, futex waits) between real processes: every
 rank receives exactly what each peer sent it, or the XOR of it (xor parity's reduce-scatter), in rounds
-smaller and larger than its buffers (rows of 5 bytes: not whole 8-byte words), again after
+smaller and larger than its buffers (rows of 5 bytes: not whole 8-byte words), posted early by one
+rank and in the course of the call by the others, again after
 a restart at a new epoch; a peer's death ends a waiting exchange with an error the protector counts as a
 lost peer, and its mailbox files are removed."""
 
@@ -38,7 +39,12 @@ def rank_main(instance: str, rank: int, results, barrier, dies: bool) -> None:
         ex.start(epoch)
         for seed, n in enumerate((1, 0, 37, 100, 2)):  # windows of 64 bytes: 0, 1, 3 and 8 rounds
             send = torch.stack([sent(rank, to, n, seed + epoch) for to in range(RANKS)])
-            got = ex.all_to_all(send)
+            posted = None
+            if rank == seed % RANKS:  # one rank posts its round early (as its scheduler thread would)
+                posted = ex.post_early(send)
+                fits = 0 < send.nbytes <= ex.capacity  # one round, not empty
+                ok &= (posted is not None) == fits and ex.post_early(send) is None  # one round in flight
+            got = ex.all_to_all(send, posted)
             ok &= all(torch.equal(got[i], sent(i, rank, n, seed + epoch)) for i in range(RANKS))
             xored = sent(0, rank, n, seed + epoch)
             for i in range(1, RANKS):

@@ -90,6 +90,27 @@ def test_a_closed_queue_releases_a_waiting_producer_and_the_worker():
     assert queue.get() is None and queue.put(("c",), 1) is False
 
 
+def test_work_may_start_at_once_only_when_nothing_comes_before_it():
+    """``if_idle`` (a step's early exchange post) runs only while nothing is queued and the worker
+    holds nothing: otherwise its work would come before work queued earlier."""
+    queue = WorkQueue(limit_bytes=100, device=torch.device("cpu"))
+    early = lambda: "started"  # noqa: E731
+    queue.put(("a",), if_idle=early)
+    queue.put(("b",), if_idle=early)
+    assert queue.get() == ("a", "started")
+    queue.put(("c",), if_idle=early)  # "b" waits, and the worker holds "a"
+    queue.done()
+    assert queue.get() == ("b", None)
+    queue.done()
+    assert queue.get() == ("c", None)
+    queue.put(("d",), if_idle=early)  # the worker holds "c"
+    queue.done()
+    assert queue.get() == ("d", None)
+    queue.done()
+    queue.put(("e",), if_idle=early)  # idle
+    assert queue.get() == ("e", "started")
+
+
 def test_ghostserve_threads_carry_their_names_at_the_os_level(protector):
     """``top -H`` and ``ps -L`` tell GhostServe's threads apart from SGLang's: the OS names of this
     process's threads include the worker's, the drain's and the metrics refresher's."""

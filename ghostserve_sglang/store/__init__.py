@@ -1,6 +1,6 @@
 """Host side of GhostServe: per-rank parity shards in shared memory and the drain that fills them.
 
-May import: codec.
+May import: codec, threads.
 """
 
 from .drain import ON_FULL, DrainCounters, ParityDrain

@@ -64,12 +64,18 @@ class TPCollectives:
         if self.local is not None:
             self.local.start(epoch)
 
-    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
-        """Entry i of ``send`` goes to rank i; entry i of the result came from rank i."""
+    def post_early(self, send: torch.Tensor) -> tuple[int, int] | None:
+        """The same-host exchange's early post of ``send`` (``LocalExchange.post_early``); None where
+        there is none, or it did not post."""
+        return self.local.post_early(send) if self.local is not None else None
+
+    def all_to_all(self, send: torch.Tensor, posted: tuple[int, int] | None = None) -> torch.Tensor:
+        """Entry i of ``send`` goes to rank i; entry i of the result came from rank i. ``posted``: what
+        ``post_early`` returned for ``send``."""
         if self.ranks == 1:
             return send.clone()
         if self.local is not None:
-            return self.local.all_to_all(send)
+            return self.local.all_to_all(send, posted)
         received = torch.empty_like(send)
         dist.all_to_all_single(received, send, group=self.exchange_group)
         return received
@@ -79,9 +85,9 @@ class TPCollectives:
         """Whether ``reduce_scatter_xor`` runs here (the same-host exchange)."""
         return self.local is not None
 
-    def reduce_scatter_xor(self, send: torch.Tensor) -> torch.Tensor:
+    def reduce_scatter_xor(self, send: torch.Tensor, posted: tuple[int, int] | None = None) -> torch.Tensor:
         """The XOR of every rank's entry ``rank`` of ``send``: xor parity's exchange and encode."""
-        return self.local.reduce_scatter_xor(send)
+        return self.local.reduce_scatter_xor(send, posted)
 
     def all_reduce(self, tensor: torch.Tensor, op) -> None:
         if self.group is not None:

@@ -162,7 +162,14 @@ class Protector:
             self.step += 1
             self.metrics.add("ghostserve_steps_captured_total")
             columns = self.kv.gather_columns(part, *self.cut)
-            self.work_queue.put(("step", self.step, part.clone(), columns, time.monotonic()), columns.nbytes)
+            self.work_queue.put(("step", self.step, part.clone(), columns, time.monotonic()), columns.nbytes,
+                                if_idle=lambda columns=columns: self._post_early(columns))
+
+    def _post_early(self, columns: torch.Tensor) -> tuple[int, int] | None:
+        """Post a captured step's exchange round now (the worker is idle): see ``exchange.py``."""
+        if self.holding or not self.exchanges:
+            return None
+        return self.collectives.post_early(columns)
 
     def on_free(self, slots: torch.Tensor) -> None:
         self.raise_failure()
@@ -332,11 +339,13 @@ class Protector:
                 result = exc
         return result
 
-    def _encode_step(self, step: int, slots: torch.Tensor, columns: torch.Tensor, captured_at: float) -> None:
+    def _encode_step(self, step: int, slots: torch.Tensor, columns: torch.Tensor, captured_at: float,
+                     posted: tuple[int, int] | None) -> None:
         """Exchange, encode, stage: a fixed number of launches, no host synchronisation. Slot 0 (padded
-        tokens' writes, never live) goes along; the drain skips it."""
+        tokens' writes, never live) goes along; the drain skips it. ``posted``: the step's exchange
+        round, if the scheduler thread posted it early."""
         started, cpu = time.perf_counter(), time.thread_time()
-        records = self.encode_columns(columns)
+        records = self.encode_columns(columns, posted)
         self.drain.submit(step, slots, records, captured_at)
         self.metrics.add("ghostserve_parity_produced_bytes_total", records.numel())
         self.seconds["worker"] += time.perf_counter() - started
@@ -354,15 +363,16 @@ class Protector:
         same slots on every rank). Collective for xor and rs."""
         return self.encode_columns(self.kv.gather_columns(slots, *self.cut))
 
-    def encode_columns(self, columns: torch.Tensor) -> torch.Tensor:
+    def encode_columns(self, columns: torch.Tensor, posted: tuple[int, int] | None = None) -> torch.Tensor:
         """Records of captured ``columns`` (``kv.gather_columns(slots, *self.cut)``): exchanged first
-        for xor and rs (collective); where parity is the XOR of the columns and the exchange can
-        reduce, both in one pass."""
+        for xor and rs (collective; ``posted``: the exchange round already posted for them); where
+        parity is the XOR of the columns and the exchange can reduce, both in one pass."""
         if not self.exchanges:
             return self.encoder.encode(columns)
         if self.encoder.is_xor and self.collectives.reduces_xor:
-            return self.collectives.reduce_scatter_xor(columns).view(columns.shape[1], -1)
-        return self.encoder.encode(self.all_to_all(columns))
+            ranks, n, layers, column = columns.shape
+            return self.collectives.reduce_scatter_xor(columns, posted).view(n, layers * column)
+        return self.encoder.encode(self.collectives.all_to_all(columns, posted))
 
     # -- collectives on GhostServe's own groups (worker thread) ------------------------------------
     def exchange_columns(self, slots: torch.Tensor) -> torch.Tensor:

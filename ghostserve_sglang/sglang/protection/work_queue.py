@@ -31,13 +31,17 @@ class WorkQueue:
         self._cv = threading.Condition()
         self._bytes = 0  # waiting and held by the worker
         self._held = 0
+        self._busy = False  # the worker holds an item (got, not done)
         self._closed = False
         self.stalls = 0
         self.stall_seconds = 0.0
 
-    def put(self, item: tuple, nbytes: int = 0) -> bool:
+    def put(self, item: tuple, nbytes: int = 0, if_idle=None) -> bool:
         """Queue ``item`` (its tensors hold ``nbytes`` of device memory) after the work issued so far
-        on the current stream; waits while the bound would be passed. False: closed, not queued."""
+        on the current stream; waits while the bound would be passed. False: closed, not queued.
+        ``if_idle``: a function whose result is appended to ``item``, called (under the queue's lock)
+        only when nothing is queued and the worker holds no item, else None is appended: a first
+        part of the item's work that may start at once, since nothing of the worker's comes before."""
         event = None
         if self._on_gpu:
             event = torch.cuda.Event()
@@ -51,6 +55,8 @@ class WorkQueue:
                 self.stall_seconds += time.monotonic() - started
             if self._closed:
                 return False
+            if if_idle is not None:
+                item = (*item, if_idle() if not self._items and not self._busy else None)
             self._bytes += nbytes
             self._items.append((item, nbytes, event))
             self._cv.notify_all()
@@ -64,6 +70,7 @@ class WorkQueue:
             if self._closed:
                 return None
             item, self._held, event = self._items.popleft()
+            self._busy = True
         if event is not None:
             stream = torch.cuda.current_stream()
             stream.wait_event(event)
@@ -77,6 +84,7 @@ class WorkQueue:
         with self._cv:
             self._bytes -= self._held
             self._held = 0
+            self._busy = False
             self._cv.notify_all()
 
     def close(self) -> list[tuple]:
