@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.request
 
-from . import logs, settings
+from . import logs, settings, threads
 from .control import socket_path
 from .drills import process as process_drills
 from .settings import SettingsError
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             MAIN_PATCHER.install(allow_unsupported=chosen.allow_unsupported_sglang)
         except PatchError as exc:
             _fail(exc)
-        threading.Thread(target=_announce_when_ready, args=(server_args, instance_id),
-                         daemon=True).start()
+        threads.daemon(_announce_when_ready, "ghostserve-announce", (server_args, instance_id)).start()
     if chosen.enabled:
         refusal.take(instance_id)  # a stale record, from a start that was killed
     refused = None
