@@ -14,7 +14,8 @@ floors below (each folder's docstring says what it may import, in a ``May import
     drills                faults caused on purpose, for testing
     settings, logs, metrics, control, models
     store                 the host parity store and its drain
-    codec, threads        the erasure codes; GhostServe's background threads, named for the OS
+    codec, threads, shm   the erasure codes; GhostServe's background threads, named for the OS; the
+                          node's shared-memory directory
 
 May import: anything.
 """

@@ -21,8 +21,8 @@ def _instance(args: argparse.Namespace) -> str:
 
 def _print_status(reply: dict) -> None:
     print(f"instance {reply['instance_id']}")
-    columns = ("rank", "pid", "restarts", "code", "step", "durable_watermark", "lag_steps", "live_slots",
-               "protected_slots", "parity_bytes_in_use", "host_bytes", "stalls", "drops",
+    columns = ("rank", "node", "pid", "restarts", "code", "step", "durable_watermark", "lag_steps",
+               "live_slots", "protected_slots", "parity_bytes_in_use", "host_bytes", "stalls", "drops",
                "checksum_failures", "errors", "phase", "stamp_age_seconds")
     columns = [c for c in columns if all(c in rank for rank in reply["ranks"])]  # phase: supervised only
     widths = [max(len(c), *(len(str(rank[c])) for rank in reply["ranks"])) for c in columns]

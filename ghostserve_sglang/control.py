@@ -5,7 +5,7 @@ appended to the requests rank 0 pulls in its next loop iteration, so SGLang's ow
 to every rank and all ranks handle it at the same point between two steps. Rank 0 writes the reply.
 Each connection carries one JSON line each way.
 
-May import: threads.
+May import: threads, shm.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import socket
 import threading
 
 from . import threads
+from .shm import shm_dir
 
 OPS = ("status", "scrub", "recover", "inject-fault", "corrupt-parity", "drain", "kill-rank", "hang-rank")
 
@@ -28,7 +29,7 @@ class ControlError(RuntimeError):
 
 
 def socket_path(instance_id: str) -> str:
-    return f"/dev/shm/ghostserve-{instance_id}.sock"
+    return os.path.join(shm_dir(), f"ghostserve-{instance_id}.sock")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,9 +27,9 @@ from .settings import SettingsError
 from .sglang.patching import compatibility, cpu_compat, refusal
 from .sglang.patching.patches import MAIN_PATCHER, PatchError, check_supported, load_spec
 from .sglang.protection import exchange
-from .sglang.restart import liveness, membership
+from .sglang.restart import coordination, liveness, membership, nodes, semaphores
 from .sglang.restart.policy import RestartPolicy
-from .sglang.restart.supervisor import SUPERVISOR, remove_orphaned_semaphores
+from .sglang.restart.supervisor import SUPERVISOR
 from .store import remove_orphans
 
 # What a dead rank's replacement needs from every scheduler process (docs/rank-restart.md): the launcher
@@ -95,8 +95,23 @@ def _banner(server_args, instance_id: str) -> str:
     return "\n".join(lines)
 
 
+def _node_banner(server_args, instance_id: str) -> str:
+    """What node >= 1 is: it serves no API; its ranks joined node 0's."""
+    ranks = nodes.layout(server_args.tp_size, server_args.nnodes, server_args.node_rank)
+    return "\n".join([
+        f"GhostServe node {server_args.node_rank} of {server_args.nnodes} ready: TP ranks {ranks} of "
+        f"{server_args.tp_size}, joined node 0 at {server_args.dist_init_addr}",
+        "  the API, metrics and `ghostserve status` (every rank, with its node) are on node 0; this node "
+        f"replaces its own ranks (instance {instance_id})"])
+
+
 def _announce_when_ready(server_args, instance_id: str) -> None:
-    """Print the banner once the server answers."""
+    """Print the banner once the server answers (node >= 1: once its ranks are ready)."""
+    if server_args.node_rank > 0:
+        while not SUPERVISOR.serving:
+            time.sleep(1)
+        print(f"\n{_node_banner(server_args, instance_id)}\n", file=sys.stderr, flush=True)
+        return
     while True:
         try:
             with urllib.request.urlopen(f"http://{server_args.host}:{server_args.port}/health",
@@ -146,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     environment["GHOSTSERVE_INSTANCE_ID"] = instance_id
     if chosen.enabled:
         environment.update(RESTART_ENVIRONMENT)
+        if server_args.tp_size > 1:
+            environment[coordination.ENV] = _coordinator(server_args, chosen)
     os.environ.update(environment)
     if server_args.device == "cpu":
         for name, value in cpu_compat.tp_environment(server_args.tp_size).items():
@@ -179,6 +196,24 @@ def main(argv: list[str] | None = None) -> None:
         _fail(refused)
 
 
+def _coordinator(server_args, chosen) -> str:
+    """Where the membership store is (``host:port``); node 0's launcher serves it (``coordination``)."""
+    if server_args.nnodes == 1:
+        host, port = "127.0.0.1", chosen.coordinator_port
+    elif not server_args.dist_init_addr:
+        _fail(f"--nnodes={server_args.nnodes} needs --dist-init-addr HOST:PORT (node 0's address)")
+    else:
+        host, _, dist_port = server_args.dist_init_addr.rpartition(":")
+        port = chosen.coordinator_port or int(dist_port) + 1
+        if server_args.node_rank > 0:
+            return f"{host}:{port}"
+    try:
+        return coordination.serve(host, port)
+    except Exception as exc:
+        _fail(f"--ghost-coordinator-port={port}: cannot listen there ({str(exc).splitlines()[0]}); choose a "
+              "free port (every node's launcher must be given the same one)")
+
+
 def _watchdog_after_replacement(server_args, chosen) -> None:
     """SGLang's scheduler watchdog ends the whole server when a batch makes no progress for
     ``--watchdog-timeout``; GhostServe ends and replaces a hung rank instead, which takes up to
@@ -203,8 +238,7 @@ def _clean_up(instance_id: str) -> None:
         for path in [*remove_orphans(instance_id), *exchange.remove(instance_id)]:
             print(f"ghostserve: removed {path}", file=sys.stderr)
         if SUPERVISOR.started_at:  # the semaphores of scheduler processes that were killed
-            remove_orphaned_semaphores(SUPERVISOR.started_at)
-        membership.remove(instance_id)
+            semaphores.remove_orphaned(SUPERVISOR.started_at)
         liveness.remove(instance_id)
         refusal.take(instance_id)
         process_drills.remove_markers(instance_id)

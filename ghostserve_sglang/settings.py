@@ -70,6 +70,11 @@ OPTIONS = (
            "disk); each batch is written through with msync before it counts as durable"),
     Option("instance_id", str, "", "names this server's host parity segments and control socket; "
            "default: the server port"),
+    Option("shm_dir", str, "/dev/shm", "this node's shared-memory directory (a tmpfs): the host parity "
+           "segments, progress stamps, exchange mailboxes and control socket live there"),
+    Option("coordinator_port", int, 0, "port of the membership store that node 0's launcher serves; "
+           "every node's launcher and rank reaches it to replace a dead rank; 0: the --dist-init-addr port "
+           "+ 1 with --nnodes > 1, a free local port otherwise"),
     Option("existing_store", str, "remove", "what to do with parity segments a dead server left "
            "behind (a live owner's are never touched)", EXISTING),
     Option("strict", _bool, False, "an error inside GhostServe stops the server (for tests) instead of "
@@ -113,6 +118,7 @@ _LOWER_BOUNDS = (
     ("max_restarts", (">=", 0), " (0: no limit)"),
     ("restart_period_seconds", (">", 0), ""),
     ("stall_timeout_seconds", (">=", 0), ""),
+    ("coordinator_port", (">=", 0), " (0: chosen as its help says)"),
 )
 
 
@@ -128,6 +134,8 @@ class Settings:
     stall_timeout_seconds: float
     file_dir: str
     instance_id: str
+    shm_dir: str
+    coordinator_port: int
     existing_store: str
     strict: bool
     allow_unsupported_sglang: bool
@@ -152,6 +160,12 @@ class Settings:
             if not (value > limit if op == ">" else value >= limit):
                 raise SettingsError(f"{_BY_NAME[name].flag}={value} is not allowed; it must be {op} {limit}"
                                     f"{note}")
+        if self.coordinator_port > 65535:
+            raise SettingsError(f"--ghost-coordinator-port={self.coordinator_port} is not allowed; it must "
+                                "be a TCP port, at most 65535 (0: chosen as its help says)")
+        if not os.path.isabs(self.shm_dir):
+            raise SettingsError(f"--ghost-shm-dir={self.shm_dir} is not allowed; it must be an absolute "
+                                "path")
 
     @property
     def enabled(self) -> bool:

@@ -38,13 +38,14 @@ def test_a_rank_stamps_and_another_process_reads_it(instance):
     writer = liveness.Stamps(instance, rank=1)
     writer.next_iteration()
     writer.enter(FORWARD)
-    code = (f"from ghostserve_sglang.sglang.restart import liveness; s = liveness.read({instance!r}, 2)[1]; "
+    code = (f"from ghostserve_sglang.sglang.restart import liveness; "
+            f"s = liveness.read({instance!r}, [0, 1])[1]; "
             "print(s.iteration, s.phase, s.pid, round(s.age, 1))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     iteration, phase, pid, age = out.split()
     assert (int(iteration), int(phase), int(pid)) == (1, FORWARD, writer.row[liveness.PID])
     assert 0 <= float(age) < 5
-    assert liveness.read("no-such-instance", 2) is None
+    assert liveness.read("no-such-instance", [0, 1]) is None
 
 
 def test_progress_is_no_hang():

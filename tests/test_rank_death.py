@@ -99,7 +99,7 @@ def test_a_killed_process_semaphore_is_removed_and_a_live_one_kept():
     when the server stops); after a replacement the supervisor removes those no process has mapped."""
     import multiprocessing
 
-    from ghostserve_sglang.sglang.restart.supervisor import remove_orphaned_semaphores
+    from ghostserve_sglang.sglang.restart.semaphores import remove_orphaned
 
     since = time.time() - 1
     context = multiprocessing.get_context("spawn")
@@ -107,10 +107,10 @@ def test_a_killed_process_semaphore_is_removed_and_a_live_one_kept():
     child = context.Process(target=_hold_a_semaphore, args=(names,))
     child.start()
     path = "/dev/shm/sem." + names.get(timeout=120).lstrip("/")
-    assert remove_orphaned_semaphores(since) == [] and os.path.exists(path)
+    assert remove_orphaned(since) == [] and os.path.exists(path)
     os.kill(child.pid, signal.SIGKILL)
     child.join()
-    assert remove_orphaned_semaphores(since) == [os.path.basename(path)] and not os.path.exists(path)
+    assert remove_orphaned(since) == [os.path.basename(path)] and not os.path.exists(path)
 
 
 @pytest.fixture(scope="module")

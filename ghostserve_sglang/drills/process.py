@@ -11,6 +11,8 @@ import os
 import signal
 import threading
 
+from ..shm import shm_dir
+
 SIGNALS = ("KILL", "TERM", "SEGV")
 # ERROR: the rank's next forward raises, and SGLang ends the process; STOP (with --at hold only): the
 # process stops and never reaches the rendezvous, as one blocked in a collective would.
@@ -165,6 +167,5 @@ def remove_markers(instance_id: str) -> None:
 
 
 def _marker(instance_id: str, drill: str, rank) -> str:
-    from ..store.segment import SHM_DIR  # here: the ``ghostserve`` command reads HOWS without torch
 
-    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-drill-{drill}-rank{rank}")
+    return os.path.join(shm_dir(), f"ghostserve-{instance_id}-drill-{drill}-rank{rank}")

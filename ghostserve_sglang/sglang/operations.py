@@ -17,12 +17,19 @@ from .restart import liveness, rejoin
 DRILLS = ("inject-fault", "corrupt-parity", "drain", "kill-rank", "hang-rank")
 
 
+def _node() -> int:
+    """The node this rank runs on (``--node-rank`` of its launcher)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    return get_parallel().node_rank
+
+
 def handle(protector, request: ControlRequest, scheduler) -> dict:
     """Carry out ``request`` on this rank; the reply of rank 0 goes to the client."""
     p, args = protector, request.args
     if request.op == "status":
-        stamp = liveness.own()  # read now, on the scheduler thread, as the loop stamped it
-        return p.call(lambda: reporting.status(p, rejoin.MEMBERS.restarts.get(p.rank, 0), stamp))
+        mine = {"node": _node(), **liveness.own()}  # the stamp read now, as the loop stamped it
+        return p.call(lambda: reporting.status(p, rejoin.MEMBERS.restarts.get(p.rank, 0), mine))
     if request.op == "scrub":
         return p.call(lambda: scrub.scrub(p, wait=bool(args.get("wait", True))))
     if request.op in DRILLS and not p.settings.enable_fault_injection:

@@ -1,6 +1,6 @@
 """Host side of GhostServe: per-rank parity shards in shared memory and the drain that fills them.
 
-May import: codec, threads.
+May import: codec, threads, shm.
 """
 
 from .drain import ON_FULL, DrainCounters, ParityDrain

@@ -29,13 +29,13 @@ import struct
 
 import torch
 
+from ..shm import shm_dir
 from . import native
 from .geometry import StoreError, StoreGeometry
 
 FORMAT_VERSION = 2
 MAGIC = b"GHSTPAR\0"
 HEADER_BYTES = 4096
-SHM_DIR = "/dev/shm"
 EXISTING = ("fail", "attach", "remove")
 _INSTANCE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _PREAMBLE = struct.Struct("<8sIII")  # magic, version, ring entries, geometry JSON length
@@ -43,15 +43,16 @@ _CONTROL_OFFSET, _GEOMETRY_OFFSET = 64, 256
 WATERMARK, RING_HEAD, RING_TAIL, OWNER_PID = range(4)
 
 
-def segment_path(instance_id: str, rank: int, directory: str = SHM_DIR) -> str:
+def segment_path(instance_id: str, rank: int, directory: str | None = None) -> str:
     if not isinstance(instance_id, str) or not _INSTANCE_ID.fullmatch(instance_id):
         raise StoreError(f"instance id {instance_id!r} is not allowed; use 1-64 of A-Z a-z 0-9 _ . -")
-    return os.path.join(directory, f"ghostserve-{instance_id}-rank{rank}")
+    return os.path.join(directory or shm_dir(), f"ghostserve-{instance_id}-rank{rank}")
 
 
-def remove_orphans(instance_id: str, directory: str = SHM_DIR) -> list[str]:
+def remove_orphans(instance_id: str, directory: str | None = None) -> list[str]:
     """Delete the instance's segments whose owner process is gone (the server has stopped); a segment
     with a live owner is kept. Returns the paths removed."""
+    directory = directory or shm_dir()
     prefix = os.path.basename(segment_path(instance_id, 0))[: -len("0")]
     removed = []
     for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
@@ -80,11 +81,13 @@ def _layout(geometry: StoreGeometry, ring_entries: int) -> tuple[dict[str, int],
     return offsets, _align(offsets["ring"] + record * ring_entries)
 
 
-def check_space(geometry: StoreGeometry, ring_entries: int, directory: str = SHM_DIR, ranks: int = 1) -> int:
+def check_space(geometry: StoreGeometry, ring_entries: int, directory: str | None = None,
+                ranks: int = 1) -> int:
     """Refuse, in one line naming the need and the fixes, segments for ``ranks`` ranks of this host
     that ``directory`` has no room for (their pages are committed as parity arrives, so a shortfall
     would surface later as a crash). Returns one segment's size."""
     need = _layout(geometry, ring_entries)[1]
+    directory = directory or shm_dir()
     stat = os.statvfs(directory)
     free = stat.f_bavail * stat.f_frsize
     if ranks * need > free:
@@ -162,7 +165,7 @@ class ParitySegment:
     @classmethod
     def create(
         cls, instance_id: str, rank: int, geometry: StoreGeometry, ring_entries: int,
-        existing: str = "fail", directory: str = SHM_DIR,
+        existing: str = "fail", directory: str | None = None,
     ) -> ParitySegment:
         """A fresh segment, mode 0600. A segment already there is refused (``fail``), re-attached
         for recovery (``attach``) or deleted first (``remove``); one whose owner is alive is never
@@ -189,7 +192,7 @@ class ParitySegment:
 
     @classmethod
     def attach(cls, instance_id: str, rank: int, geometry: StoreGeometry,
-               directory: str = SHM_DIR) -> ParitySegment:
+               directory: str | None = None) -> ParitySegment:
         """Map an existing segment, refusing any other format version or geometry."""
         path = segment_path(instance_id, rank, directory)
         try:

@@ -4,5 +4,5 @@ share), the compatibility checks and refusals at start, and the stand-ins that l
 CPU-only machine.
 
 May import: sglang.operations, sglang.restart, sglang.protection, drills, settings, logs, metrics,
-control, store, codec, threads.
+control, store, codec, threads, shm.
 """

@@ -44,7 +44,6 @@ def scheduler_init(wrapped, instance, args, kwargs):
     refused = compatibility.refusal(server_args, STATE.settings)
     if refused is not None:  # a server started without the launcher, which checks this before the start
         refusal.refuse(instance_id, refused)
-    rejoin.MEMBERS.instance_id = instance_id
     generation = rejoin.membership.replacement_generation() if rejoin.enabled() else None
     if generation is not None:
         if STATE.settings.enable_fault_injection:
@@ -64,7 +63,7 @@ def scheduler_init(wrapped, instance, args, kwargs):
     if rejoin.enabled():
         liveness.WRITER = liveness.Stamps(instance_id, STATE.protector.rank)
     if generation is not None:
-        announced = rejoin.membership.read(instance_id)
+        announced = rejoin.membership.read()
         phases = {"spawn_seconds": started - announced["noticed_at"], "join_seconds": time.time() - started}
         hang = announced.get("hung", {}).get(str(STATE.protector.rank))
         if hang is not None:  # this rank's predecessor hung and was ended

@@ -16,7 +16,12 @@ def launch_scheduler_processes(wrapped, instance, args, kwargs):
         server_args, port_args, target = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(
             ("server_args", "port_args", "run_scheduler_process_func")))
         SUPERVISOR.launch = (target, server_args, port_args)
-        SUPERVISOR.adopt(processes)
+        host = server_args.dist_init_addr.rpartition(":")[0] if server_args.nnodes > 1 else "127.0.0.1"
+        SUPERVISOR.adopt(processes, server_args.tp_size, server_args.node_rank, server_args.nnodes, host)
+        if server_args.node_rank > 0:
+            # Node >= 1's launcher waits here for its original processes; replacements are the
+            # supervisor's, which ends the wait when node 0 is gone or the server fails stop.
+            result[0].block_until_scheduler_exits = SUPERVISOR.stopping.wait
     return result
 
 

@@ -15,13 +15,13 @@ import contextlib
 import os
 import sys
 
-from ...store.segment import SHM_DIR
+from ...shm import shm_dir
 
 EXIT_STATUS = 2
 
 
 def path(instance_id: str) -> str:
-    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-refused.txt")
+    return os.path.join(shm_dir(), f"ghostserve-{instance_id}-refused.txt")
 
 
 def refuse(instance_id: str, message: str, rank: int | None = None) -> None:

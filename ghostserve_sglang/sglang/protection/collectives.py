@@ -1,6 +1,7 @@
 """GhostServe's own collectives over the TP ranks, on groups of its own, so that SGLang's collectives
 never interleave with ours: control collectives over gloo; the column exchange through shared memory
-on CPU when every rank runs on this host (``exchange.LocalExchange``), else over gloo, and over a
+on CPU when every rank runs on this host and shares its ``--ghost-shm-dir``
+(``exchange.LocalExchange``), else over gloo, and over a
 separate NCCL communicator on GPU. Every rank creates them at the same point (scheduler
 init). A collective that one rank never joins (an error there) fails after ``TIMEOUT`` instead of
 hanging its peers.
@@ -9,11 +10,13 @@ hanging its peers.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 
 import torch
 import torch.distributed as dist
 
+from ...shm import shm_dir
 from . import capture_native, exchange
 
 TIMEOUT = datetime.timedelta(minutes=5)
@@ -44,8 +47,9 @@ class TPCollectives:
         if self.ranks > 1 and exchanges and device.type == "cpu" and instance_id and capture_native.library():
             local = exchange.LocalExchange(instance_id, tp_group.rank_in_group, self.ranks, capacity,
                                            TIMEOUT.total_seconds())
-            hosts = self.gather_objects(socket.gethostname())  # and every rank's mailbox exists now
-            if len(set(hosts)) == 1:
+            # One host and one shared-memory directory (nodes on one host may each have their own).
+            places = self.gather_objects((socket.gethostname(), os.path.realpath(shm_dir())))
+            if len(set(places)) == 1:  # and every rank's mailbox exists now
                 self.local, self.transport = local, "shared memory"
                 if started:
                     local.start(0)

@@ -32,7 +32,8 @@ import time
 
 import torch
 
-from ...store.segment import SHM_DIR, pid_alive
+from ...shm import shm_dir
+from ...store.segment import pid_alive
 from . import capture_native
 
 HEADER_BYTES = 4096
@@ -42,8 +43,8 @@ NOT_STARTED = -1
 EARLY_MAX_BYTES = 1 << 20  # larger sends (a long prefill's parts) are posted by the worker, off the forward
 
 
-def mailbox_path(instance_id: str, rank: int, directory: str = SHM_DIR) -> str:
-    return os.path.join(directory, f"ghostserve-{instance_id}-exchange{rank}")
+def mailbox_path(instance_id: str, rank: int, directory: str | None = None) -> str:
+    return os.path.join(directory or shm_dir(), f"ghostserve-{instance_id}-exchange{rank}")
 
 
 class _Mailbox:
@@ -189,7 +190,8 @@ class LocalExchange:
         remove(self.instance_id, self.rank)
 
 
-def remove(instance_id: str, rank: int | None = None, directory: str = SHM_DIR) -> list[str]:
+def remove(instance_id: str, rank: int | None = None, directory: str | None = None) -> list[str]:
+    directory = directory or shm_dir()
     """Delete rank ``rank``'s mailbox (every rank's when None); returns the paths removed."""
     if rank is not None:
         paths = [mailbox_path(instance_id, rank, directory)]

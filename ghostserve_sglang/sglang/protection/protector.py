@@ -27,9 +27,10 @@ import torch
 from ... import threads
 from ...control import ControlServer
 from ...settings import Settings
+from ...shm import shm_dir
 from ...store.drain import ParityDrain
 from ...store.geometry import StoreGeometry
-from ...store.segment import SHM_DIR, ParitySegment, check_space, segment_path
+from ...store.segment import ParitySegment, check_space, segment_path
 from . import exchange, recovery, reporting
 from .collectives import TPCollectives, peer_lost
 from .column_encoder import ColumnEncoder
@@ -89,7 +90,7 @@ class Protector:
                                                         exchange_round, started=not replacement)
         ring_entries = max(1, settings.staging_mib * 2**20 // self.geometry.record_bytes)
         on_disk = settings.code == "file"
-        directory = settings.file_dir if on_disk else SHM_DIR
+        directory = settings.file_dir if on_disk else shm_dir()
         os.makedirs(directory, mode=0o700, exist_ok=True)
         existing = settings.existing_store
         found = os.path.exists(segment_path(instance_id, self.rank, directory))

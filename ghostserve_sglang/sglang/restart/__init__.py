@@ -3,5 +3,5 @@ the membership files through which it announces a replacement, the survivors' ho
 re-formed groups, the scheduler state sent to the replacement, and the requests handed over when rank 0
 is replaced.
 
-May import: sglang.protection, drills, settings, logs, metrics, control, store, codec, threads.
+May import: sglang.protection, drills, settings, logs, metrics, control, store, codec, threads, shm.
 """

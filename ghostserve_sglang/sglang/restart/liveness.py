@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from ...store.segment import SHM_DIR
+from ...shm import shm_dir
 
 MAX_RANKS = 256
 STARTING, RECEIVING, SCHEDULING, FORWARD, COLLECTIVE, OUTPUT, HOLDING = range(7)
@@ -33,7 +33,7 @@ ITERATION, PHASE, ENTERED, PID = range(4)
 
 
 def path(instance_id: str) -> str:
-    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-stamps")
+    return os.path.join(shm_dir(), f"ghostserve-{instance_id}-stamps")
 
 
 def _table(instance_id: str, writable: bool) -> np.memmap | None:
@@ -112,14 +112,15 @@ class Stamp:
         return self.phase in WAITING
 
 
-def read(instance_id: str, ranks: int, now: float | None = None) -> list[Stamp] | None:
+def read(instance_id: str, ranks: list[int], now: float | None = None) -> list[Stamp] | None:
+    """The stamps of ``ranks`` (this node's: each node's table holds its own ranks' rows)."""
     table = _table(instance_id, writable=False)
     if table is None:
         return None
     now = time.monotonic() if now is None else now
-    rows = np.array(table[:ranks])
+    rows = np.array(table)
     return [Stamp(r, int(rows[r, ITERATION]), int(rows[r, PHASE]), now - float(rows[r, ENTERED]),
-                  int(rows[r, PID])) for r in range(ranks)]
+                  int(rows[r, PID])) for r in ranks]
 
 
 def own() -> dict:

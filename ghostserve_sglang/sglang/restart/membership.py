@@ -1,69 +1,58 @@
-"""Who is in the TP group now: a small file the supervisor writes when it replaces a rank, and the
-scheduler processes read (docs/rank-restart.md, "Spawn").
+"""Who is in the TP group now: the announcement node 0's supervisor makes when it replaces ranks, in
+the server's membership store (``coordination``), which every rank on every node reads
+(docs/rank-restart.md, "Spawn").
 
-``/dev/shm/ghostserve-<instance>-members.json`` holds the generation (how many replacements so far), the
-port of the fresh rendezvous every rank joins, and the ranks being replaced. It is written whole and
-renamed into place, so a reader never sees half of it.
+The announcement holds the generation (how many replacements so far), where the fresh rendezvous every
+rank joins is (node 0's host and a port), and the ranks being replaced. Once they have joined it is
+marked done.
 
 Before a rank enters the rendezvous of a generation it leaves an arrival mark and waits for every
 rank's (``arrive``, ``gathered``). A rank that dies before that point (a second death during a
 replacement) then never holds the others in a rendezvous that cannot complete: they see the next
 generation announced instead and go on to that one. A survivor that never arrives while another has
-is stuck in a collective its peers have left (gloo does not fail such a wait): the supervisor ends it
-and replaces it too.
+is stuck in a collective its peers have left (gloo does not fail such a wait): the supervisor of its
+node ends it, and it is replaced too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import json
 import os
 import time
 
-from ...store.segment import SHM_DIR
+from . import coordination
 
 POLL_SECONDS = 0.05
+STRAGGLER_SECONDS = 10.0  # a survivor reaches the rendezvous within a second or two of the announcement
 REPLACEMENT_ENV = "GHOSTSERVE_REPLACEMENT_GENERATION"  # set in a replacement rank's environment
 REPLACEMENT_RANK_ENV = "GHOSTSERVE_REPLACEMENT_RANK"
 SUPERVISED_ENV = "GHOSTSERVE_SUPERVISED"  # the launcher supervises the ranks and cleans up after them
 
 
-def path(instance_id: str) -> str:
-    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-members.json")
-
-
-def _mark(instance_id: str, generation: int | str, rank: int | str) -> str:
-    return os.path.join(SHM_DIR, f"ghostserve-{instance_id}-arrived-g{generation}-rank{rank}")
-
-
-def announce(instance_id: str, generation: int, port: int, replaced: list[int],
+def announce(generation: int, host: str, port: int, replaced: list[int],
              hung: dict[int, float] | None = None) -> None:
     """``hung``: the replaced ranks that were ended as hung, with the seconds their stamp had stood
     still when that was found."""
-    for mark in glob.glob(_mark(instance_id, "*", "*")):  # earlier generations' arrivals
-        os.unlink(mark)
-    target = path(instance_id)
-    staging = f"{target}.{os.getpid()}.tmp"
-    with open(staging, "w") as f:
-        json.dump({"generation": generation, "port": port, "replaced": replaced,
-                   "hung": {str(r): s for r, s in (hung or {}).items()}, "noticed_at": time.time()}, f)
-    os.replace(staging, target)
+    coordination.put("members", {"generation": generation, "host": host, "port": port, "replaced": replaced,
+                                 "hung": {str(r): s for r, s in (hung or {}).items()},
+                                 "noticed_at": time.time()})
 
 
-def read(instance_id: str) -> dict | None:
-    try:
-        with open(path(instance_id)) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def finish(generation: int) -> None:
+    """Every replaced rank of ``generation`` has joined; the next death makes a new announcement."""
+    coordination.put("members", {"generation": generation, "done": True})
 
 
-def wait_for(instance_id: str, after: int, timeout_s: float) -> dict | None:
+def read() -> dict | None:
+    """The announcement of a replacement under way, or None."""
+    current = coordination.get("members")
+    return None if current is None or current.get("done") else current
+
+
+def wait_for(after: int, timeout_s: float) -> dict | None:
     """The first announcement with a generation above ``after``, or None after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        current = read(instance_id)
+        current = read()
         if current is not None and current["generation"] > after:
             return current
         if time.monotonic() > deadline:
@@ -71,31 +60,29 @@ def wait_for(instance_id: str, after: int, timeout_s: float) -> dict | None:
         time.sleep(POLL_SECONDS)
 
 
-def arrive(instance_id: str, generation: int, rank: int) -> None:
-    open(_mark(instance_id, generation, rank), "w").close()
+def _mark(generation: int, rank: int) -> str:
+    return f"arrived/g{generation}/rank{rank}"
 
 
-def arrived(instance_id: str, generation: int, ranks: list[int]) -> list[int]:
+def arrive(generation: int, rank: int) -> None:
+    coordination.put(_mark(generation, rank), time.time())
+
+
+def arrived(generation: int, ranks: list[int]) -> list[int]:
     """Those of ``ranks`` that have arrived at ``generation``."""
-    return [r for r in ranks if os.path.exists(_mark(instance_id, generation, r))]
+    return [r for r in ranks if coordination.has(_mark(generation, r))]
 
 
-def gathered(instance_id: str, generation: int, ranks: int, timeout_s: float) -> bool:
+def gathered(generation: int, ranks: int, timeout_s: float) -> bool:
     """Wait until all ``ranks`` ranks have arrived at ``generation``; False as soon as a later one is
     announced (or after ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
-    while len(arrived(instance_id, generation, list(range(ranks)))) < ranks:
-        current = read(instance_id)
+    while len(arrived(generation, list(range(ranks)))) < ranks:
+        current = coordination.get("members")
         if (current is not None and current["generation"] > generation) or time.monotonic() > deadline:
             return False
         time.sleep(POLL_SECONDS)
     return True
-
-
-def remove(instance_id: str) -> None:
-    for name in (path(instance_id), *glob.glob(_mark(instance_id, "*", "*"))):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
 
 
 def supervised() -> bool:

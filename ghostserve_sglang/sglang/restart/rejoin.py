@@ -38,7 +38,6 @@ class RejoinError(RuntimeError):
 
 @dataclasses.dataclass
 class Membership:
-    instance_id: str = ""
     generation: int = 0
     transcript: Transcript = dataclasses.field(default_factory=Transcript)
     restarts: dict = dataclasses.field(default_factory=dict)  # tp rank -> replacements seen
@@ -63,7 +62,7 @@ def hold(scheduler, protector, exc: BaseException, phase: str, batch=None) -> bo
     and the state agrees; raises ``exc`` if no replacement is announced (a real error). Returns whether
     this rank took the state of a survivor that had got further (then the interrupted call is void)."""
     liveness.enter(liveness.HOLDING)
-    announced = membership.wait_for(MEMBERS.instance_id, MEMBERS.generation, ANNOUNCEMENT_WAIT_SECONDS)
+    announced = membership.wait_for(MEMBERS.generation, ANNOUNCEMENT_WAIT_SECONDS)
     if announced is None:
         raise exc
     if protector.settings.enable_fault_injection:
@@ -81,8 +80,7 @@ def hold(scheduler, protector, exc: BaseException, phase: str, batch=None) -> bo
         except Exception as again:
             if not (isinstance(again, _Superseded) or peer_lost(again)):
                 raise
-            later = membership.wait_for(MEMBERS.instance_id, announced["generation"],
-                                        ANNOUNCEMENT_WAIT_SECONDS)
+            later = membership.wait_for(announced["generation"], ANNOUNCEMENT_WAIT_SECONDS)
             if later is None:
                 raise
             log.warning("another rank lost during the replacement", rank=protector.rank,
@@ -94,7 +92,7 @@ def join(scheduler, protector, generation: int, phases: dict) -> None:
     """The replacement's side, at the end of its start-up (``phases`` says how long it took): receive
     the state, then settle."""
     MEMBERS.generation = generation
-    _transfer(scheduler, protector, membership.read(MEMBERS.instance_id)["replaced"], None, None, phases)
+    _transfer(scheduler, protector, membership.read()["replaced"], None, None, phases)
     if handover.CHANNEL is not None:  # this is rank 0: send what the clients did not get
         handover.take_over(scheduler, handover.ask_main_process("delivered"))
 
@@ -105,8 +103,8 @@ class _Superseded(RuntimeError):
 
 def arrive(generation: int, rank: int, world: int) -> None:
     """Mark this rank's arrival at ``generation`` and wait for every other rank's."""
-    membership.arrive(MEMBERS.instance_id, generation, rank)
-    if not membership.gathered(MEMBERS.instance_id, generation, world, RENDEZVOUS_WAIT_SECONDS):
+    membership.arrive(generation, rank)
+    if not membership.gathered(generation, world, RENDEZVOUS_WAIT_SECONDS):
         raise _Superseded(f"generation {generation} was superseded before every rank arrived")
 
 
@@ -120,7 +118,7 @@ def _rendezvous(announced: dict, rank: int, holders: list) -> None:
     # SGLang's scheduler watchdog counts a batch that makes no progress as stuck; this one waits on purpose.
     in_flight, scheduler.cur_batch_for_debug = scheduler.cur_batch_for_debug, None
     try:
-        changed = MEMBERS.transcript.replay(f"tcp://127.0.0.1:{announced['port']}",
+        changed = MEMBERS.transcript.replay(f"tcp://{announced['host']}:{announced['port']}",
                                             [parallel_state, *filter(None, coordinators), *holders])
     finally:
         scheduler.cur_batch_for_debug = in_flight

@@ -6,7 +6,7 @@ the process tree about 5 s later, and every client sees its connection closed wi
 
 Under GhostServe the supervisor owns that decision. It polls the scheduler processes every
 ``POLL_SECONDS``; when one has died it logs which rank and how (exit code or signal), announces a fresh
-rendezvous in the membership file, and starts a replacement process for that rank with the same
+rendezvous (``membership``), and starts a replacement process for that rank with the same
 arguments. The survivors hold meanwhile; the replacement joins them, receives their state and has its
 KV rebuilt (``rejoin``), then reports ready through its pipe as at start-up. If another rank dies
 meanwhile, the replacement starts again with that rank included. A survivor that has not reached the
@@ -19,13 +19,16 @@ no rank survives, a replacement dies, or the replacements have not joined by
 ``--ghost-rejoin-timeout-seconds``, the outcome is a clean fail stop: every request still pending gets an
 error response naming the cause, the process tree is stopped, and one log line says why. Deaths of other
 processes (the detokenizer) keep SGLang's handling.
+
+With several nodes (``--nnodes``), each node's launcher supervises the ranks it runs; node 0's decides
+every replacement (``nodes``): another node reports its ranks' deaths, starts the replacements announced
+for them and reports when they joined. A node whose launcher stops beating is lost with its ranks and
+their host parity: a fail stop. A fail stop anywhere stops every node.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import glob
 import multiprocessing.connection
 import os
 import signal
@@ -37,7 +40,9 @@ import time
 import structlog
 
 from ... import threads
-from . import journal, liveness, membership
+from . import coordination, journal, liveness, membership, nodes, semaphores
+from .follower import Follower
+from .frontend import Frontend
 from .policy import RestartPolicy
 from .standby import Standbys
 
@@ -46,8 +51,6 @@ log = structlog.get_logger("ghostserve.supervisor")
 POLL_SECONDS = 0.2
 FAIL_STOP_GRACE_SECONDS = 1.0  # lets the error responses reach their clients
 REPORT_WAIT_SECONDS = 60.0
-STRAGGLER_SECONDS = 10.0  # a survivor reaches the rendezvous within a second or two of the announcement
-EVENT_LOOP_TIMEOUT_SECONDS = 30.0  # how long a scheduler that reported a failure (SIGQUIT) may take to exit
 FENCE_SECONDS = 10.0  # how long a hung rank ended with SIGKILL may take to exit (uninterruptible sleep)
 
 
@@ -63,9 +66,16 @@ class Supervisor:
     """Watches the scheduler processes SGLang launched; one instance per main process."""
 
     def __init__(self) -> None:
-        self.processes: list = []  # index = tp rank
+        self.processes: dict = {}  # this node's TP ranks -> their scheduler processes
+        self.world = 0  # TP ranks on every node
+        self.node = 0  # this node's rank; node 0 decides every replacement
+        self.nnodes = 1
+        self.host = "127.0.0.1"  # node 0's address: where the rendezvous of a replacement is
+        self.deaths_reported = nodes.Deaths()  # node 0: the deaths other nodes report
+        self.heartbeats = nodes.Heartbeats(1)
+        self.follower = Follower(self)  # node >= 1's part
         self.launch: tuple = ()  # run_scheduler_process, server_args, port_args: to start a replacement
-        self.tokenizer_manager = None
+        self.frontend = Frontend()  # SGLang's tokenizer manager (node 0)
         self.clean_up = lambda: None  # what the launcher removes when the server stops
         self.instance_id = ""
         self.rejoin_timeout_s = 0.0  # 0: no replacement, a death fails stop
@@ -99,37 +109,69 @@ class Supervisor:
         self.standbys = Standbys(standbys if rejoin_timeout_s else 0)
 
     # -- wiring, from the main-process wrappers -----------------------------------------------------
-    def adopt(self, processes: list) -> None:
-        """The scheduler processes, in TP rank order, right after SGLang started them."""
-        self.processes = list(processes)
+    def adopt(self, processes: list, world: int = 0, node: int = 0, nnodes: int = 1,
+              host: str = "127.0.0.1") -> None:
+        """This node's scheduler processes, in TP rank order, right after SGLang started them; ``world``
+        TP ranks over ``nnodes`` nodes, ``host`` node 0's address."""
+        world = world or len(processes)
+        self.processes = dict(zip(nodes.layout(world, nnodes, node), processes))
+        self.world, self.node, self.nnodes, self.host = world, node, nnodes, host
+        self.heartbeats = nodes.Heartbeats(nnodes)
         self.started_at = time.time()
         if self._thread is None:
+            if self.rejoin_timeout_s and coordination.configured():
+                nodes.register(node, sorted(self.processes), os.getpid())
+                if node:
+                    threads.daemon(self.follower.beat, "ghostserve-heartbeat").start()
             self._thread = threads.daemon(self._watch, "ghostserve-supervisor")
             self._thread.start()
 
     def attach_tokenizer_manager(self, tokenizer_manager) -> None:
-        self.tokenizer_manager = tokenizer_manager
+        self.frontend.tokenizer_manager = tokenizer_manager
 
     def supervises(self, process) -> bool:
-        return any(process is p for p in self.processes)
+        return any(process is p for p in self.processes.values())
+
+    @property
+    def decides(self) -> bool:
+        """Whether this node's supervisor decides the replacements (node 0)."""
+        return self.node == 0
 
     # -- the watch ----------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self._tick():
-            dead = self._dead() if self.serving else []  # a start that fails is SGLang's to report
-            if dead:
-                # A survivor whose collective failed exits too; the one a signal ended is the cause.
-                rank, process = min(dead, key=lambda d: (d[1].exitcode >= 0, d[0]))
-                if self._shutting_down(process):
-                    self.standing_down = True
-                    log.info("scheduler processes stopped with the server; not a fault", rank=rank)
-                    self.stopping.set()
-                    return
-                self._on_death(self._dead())  # deaths within the shutdown check's wait count as one
-            elif self.serving and self.hang_timeout_s and self.rejoin_timeout_s:
-                self._check_hangs()
-            if self.serving and not self.replacing and not self.stopping.is_set() and self._up():
-                self.standbys.keep()  # from the end of SGLang's warm-up on: not beside the first forwards
+            try:
+                self._watch_once()
+            except coordination.CoordinatorLost as exc:
+                self.follower.stand_down(str(exc))
+                return
+
+    def _watch_once(self) -> None:
+        if not self.serving:
+            return  # a start that fails is SGLang's to report
+        dead = self._dead(excluding=self.follower.following)
+        if self.rejoin_timeout_s and self.nnodes > 1:
+            self._check_nodes()
+        remote = self.deaths_reported.new() if self.decides and self.nnodes > 1 else []
+        if dead:
+            # A survivor whose collective failed exits too; the one a signal ended is the cause.
+            rank, process = min(dead, key=lambda d: (d[1].exitcode >= 0, d[0]))
+            if self._shutting_down(process):
+                self.standing_down = True
+                log.info("scheduler processes stopped with the server; not a fault", rank=rank)
+                self.stopping.set()
+                return
+            dead = self._dead(excluding=self.follower.following)  # with those in the check's wait
+        if self.decides and (dead or remote):
+            self._on_death([*self._local(dead), *remote])
+        elif dead:
+            self.follower.report(dead)
+        elif self.hang_timeout_s and self.rejoin_timeout_s:
+            self._check_hangs()
+        if not self.decides and self.rejoin_timeout_s:
+            self.follower.follow()
+        if not (self.replacing or self.follower.following or self.stopping.is_set()) and self.frontend.up():
+            self.standbys.keep()  # from the end of SGLang's warm-up on: not beside the first forwards
 
     def _check_hangs(self) -> None:
         """End the ranks ``liveness.judge`` finds hung (SIGKILL: a stopped or stuck process runs no
@@ -137,17 +179,18 @@ class Supervisor:
         ``FENCE_SECONDS`` (uninterruptible sleep) ends in a fail stop."""
         now = time.monotonic()
         for pid, (_, ended_at, _) in self.hung.items():
-            alive = any(p.pid == pid and p.exitcode is None for p in self.processes)
+            alive = any(p.pid == pid and p.exitcode is None for p in self.processes.values())
             if alive and now - ended_at > FENCE_SECONDS:
                 self.fail_stop(f"TP rank process pid {pid} hung and did not exit within {FENCE_SECONDS:g} s "
                                "of SIGKILL (uninterruptible sleep?)")
-        stamps = liveness.read(self.instance_id, len(self.processes), now)
-        if stamps is None or any(s.pid != p.pid for s, p in zip(stamps, self.processes)):
+        stamps = liveness.read(self.instance_id, sorted(self.processes), now)
+        if stamps is None or any(s.pid != self.processes[s.rank].pid for s in stamps):
             return  # a rank has not stamped yet
-        stopped = {r for r, p in enumerate(self.processes) if liveness.stopped(p.pid)}
+        stopped = {r for r, p in self.processes.items() if liveness.stopped(p.pid)}
         verdict = liveness.judge(stamps, self.hang_timeout_s, stopped)
+        by_rank = {s.rank: s for s in stamps}
         for rank in verdict.hung:
-            process, stamp = self.processes[rank], stamps[rank]
+            process, stamp = self.processes[rank], by_rank[rank]
             if process.pid in self.hung or process.exitcode is not None:
                 continue
             what = f"hung in {liveness.PHASES[stamp.phase]} for {stamp.age:.1f} s and was ended"
@@ -155,35 +198,24 @@ class Supervisor:
                       reason=verdict.reason, detect_seconds=round(stamp.age, 3),
                       waited_seconds=round(verdict.stalled_seconds, 3), **liveness.describe(stamp))
             self.hung[process.pid] = (what, now, stamp.age)
-            self._set_health(False)
+            self.frontend.set_health(False)
             process.kill()
-
-    def _up(self) -> bool:
-        """Whether SGLang reports the server up (its warm-up done; no replacement under way)."""
-        from sglang.srt.managers.tokenizer_manager import ServerStatus
-
-        return getattr(self.tokenizer_manager, "server_status", None) == ServerStatus.Up
-
-    def _set_health(self, up: bool) -> None:
-        """``/health`` and ``/ready`` answer 503 while ``up`` is False (SGLang's own start-up state)."""
-        from sglang.srt.managers.tokenizer_manager import ServerStatus
-
-        status = ServerStatus.Up if up else ServerStatus.Starting
-        with contextlib.suppress(Exception):  # the server may be stopping
-            self._in_event_loop(lambda tm: setattr(tm, "server_status", status))
 
     def _tick(self) -> bool:
         """Wait ``POLL_SECONDS``, or less when a scheduler process ends meanwhile (its death is handled
         at once, not at the next poll). Returns whether the supervisor is stopping."""
-        running = [p.sentinel for p in self.processes if p.exitcode is None] if self.serving else []
+        running = [p.sentinel for p in self.processes.values() if p.exitcode is None] if self.serving else []
         if running and not self.stopping.is_set():
             multiprocessing.connection.wait(running, timeout=POLL_SECONDS)
             return self.stopping.is_set()
         return self.stopping.wait(POLL_SECONDS)
 
     def _dead(self, excluding=()) -> list[tuple[int, object]]:
-        return [(r, p) for r, p in enumerate(self.processes)
-                if p.exitcode is not None and r not in excluding]
+        return [(r, p) for r, p in self.processes.items()
+                if p.exitcode is not None and r not in excluding and p.pid not in self.follower.reported]
+
+    def _local(self, dead: list) -> list[tuple[int, int, str]]:
+        return [(r, p.pid, self._how(p)) for r, p in dead]
 
     def _shutting_down(self, process) -> bool:
         """Whether the server is being stopped: SGLang's SIGTERM handler ran in this process, or a TERM
@@ -192,16 +224,17 @@ class Supervisor:
         close together (several ranks killed at once end up to half a second apart while the kernel
         tears them down) are replaced together."""
         time.sleep(2 * POLL_SECONDS)
-        if getattr(self.tokenizer_manager, "gracefully_exit", False):
+        if self.frontend.stopping():
             return True
-        return all(p.exitcode in (-signal.SIGTERM, -signal.SIGINT) for p in self.processes)
+        return all(p.exitcode in (-signal.SIGTERM, -signal.SIGINT) for p in self.processes.values())
 
-    def _describe(self, dead: list) -> str:
+    def _describe(self, dead: list[tuple[int, int, str]]) -> str:
+        """``dead``: (rank, pid, how) of each death, on this node or reported by another."""
         self.deaths += len(dead)
-        for rank, process in dead:
-            log.error("rank process died", rank=rank, pid=process.pid, exitcode=process.exitcode,
-                      how=self._how(process))
-        return ", and ".join(f"TP rank {r}'s scheduler process (pid {p.pid}) {self._how(p)}" for r, p in dead)
+        for rank, pid, how in dead:
+            log.error("rank process died", rank=rank, pid=pid, how=how,
+                      node=self.node if rank in self.processes else "another")
+        return ", and ".join(f"TP rank {r}'s scheduler process (pid {pid}) {how}" for r, pid, how in dead)
 
     def _how(self, process) -> str:
         if process.pid in self.stuck:
@@ -210,12 +243,12 @@ class Supervisor:
             return self.hung[process.pid][0]
         return describe_exit(process.exitcode)
 
-    def _on_death(self, dead: list) -> None:
+    def _on_death(self, dead: list[tuple[int, int, str]]) -> None:
         cause = self._describe(dead)
         if not self.rejoin_timeout_s:
             self.fail_stop(f"{cause}; the server cannot continue without it")
-        self._refuse_crash_loop([r for r, _ in dead], cause)
-        self._replace(sorted(r for r, _ in dead), cause)
+        self._refuse_crash_loop(sorted({r for r, _, _ in dead}), cause)
+        self._replace(sorted({r for r, _, _ in dead}), cause)
 
     def _refuse_crash_loop(self, ranks: list[int], cause: str) -> None:
         """Fail stop instead of replacing a rank the restart policy says has died too often."""
@@ -233,51 +266,59 @@ class Supervisor:
         started = time.monotonic()
         deadline = started + self.rejoin_timeout_s
         self.replacing = True
-        self._set_health(False)
+        self.frontend.set_health(False)
         while True:
-            if len(ranks) == len(self.processes):
+            if len(ranks) == self.world:
                 self.fail_stop(f"{cause}; no rank survives to take the scheduler state from")
             self.generation += 1
             port = _free_port()
-            pids = {r: self.processes[r].pid for r in ranks}
+            pids = {r: self.processes[r].pid for r in ranks if r in self.processes}
             hung = {r: self.hung[pid][2] for r, pid in pids.items() if pid in self.hung}
-            membership.announce(self.instance_id, self.generation, port, ranks, hung)
+            membership.announce(self.generation, self.host, port, ranks, hung)
             announced = time.monotonic()
-            spawned = {rank: self._spawn(rank, port) for rank in ranks}
-            more = self._await_join(spawned, deadline, cause, announced)
+            spawned = {rank: self._spawn(rank, port) for rank in ranks if rank in self.processes}
+            more = self._await_join(spawned, [r for r in ranks if r not in spawned], deadline, cause,
+                                    announced)
             if not more:
                 break
-            for process, *pipes in spawned.values():  # this attempt is void: start again with them
-                if process.exitcode is None:
-                    process.kill()
-                process.join(timeout=30)
-                for pipe in filter(None, pipes):
-                    pipe.close()
+            self._void(spawned)  # this attempt is void: start again with them
             time.sleep(2 * POLL_SECONDS)  # deaths close together are replaced together
-            more = self._dead(excluding=set(ranks))
+            more = [*more, *self._local(self._dead(excluding=set(ranks))), *self.deaths_reported.new()]
+            more = list({rank: d for d in more if (rank := d[0]) not in ranks}.values())
             cause = f"{cause}; then {self._describe(more)} while it was being replaced"
-            ranks = sorted({*ranks, *(r for r, _ in more)})
+            ranks = sorted({*ranks, *(r for r, _, _ in more)})
         if 0 in ranks:
-            self._in_event_loop(journal.redeliver)
-        membership.remove(self.instance_id)  # every rank has read it; the next death writes a new one
-        removed = remove_orphaned_semaphores(self.started_at)
+            self.frontend.call(journal.redeliver)
+        membership.finish(self.generation)  # every rank has read it; the next death makes a new one
+        removed = semaphores.remove_orphaned(self.started_at)
         self.replacing = False
-        self._set_health(True)
+        self.frontend.set_health(True)
         for rank in ranks:
             self.restarts[rank] = self.restarts.get(rank, 0) + 1
-            log.warning("rank replaced", rank=rank, pid=self.processes[rank].pid,
+            process = self.processes.get(rank)  # None: on another node
+            log.warning("rank replaced", rank=rank, pid=process.pid if process else None,
                         restarts=self.restarts[rank], generation=self.generation,
                         seconds=round(time.monotonic() - started, 3), semaphores_removed=len(removed))
+
+    def _void(self, spawned: dict) -> None:
+        """End the replacements of an attempt that a later death made void."""
+        for process, *pipes in spawned.values():
+            if process.exitcode is None:
+                process.kill()
+            process.join(timeout=30)
+            for pipe in filter(None, pipes):
+                pipe.close()
 
     def _spawn(self, rank: int, port: int) -> tuple:
         """A replacement process for ``rank``, started; with its ready pipe (and rank 0's question
         pipe: its replacement asks the main process what the clients have received, see handover)."""
         target, server_args, port_args = self.launch
-        gpu_id = server_args.base_gpu_id + rank * server_args.gpu_id_step  # as SGLang placed it (pp = 1)
+        local = rank % (self.world // self.nnodes)  # as SGLang placed it on this node (pp = 1)
+        gpu_id = server_args.base_gpu_id + local * server_args.gpu_id_step
         args = (server_args, port_args, gpu_id, rank, 0, None)  # and the ready pipe's writing end
         environment = {membership.REPLACEMENT_ENV: str(self.generation),
                        membership.REPLACEMENT_RANK_ENV: str(rank),
-                       "SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE": f"tcp://127.0.0.1:{port}"}
+                       "SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE": f"tcp://{self.host}:{port}"}
         (replacement, reader, questions), warm = self.standbys.start(environment, target, args, rank)
         dead, self.processes[rank] = self.processes[rank], replacement
         dead.join(timeout=10)
@@ -287,21 +328,24 @@ class Supervisor:
                     standby=warm)
         return replacement, reader, questions
 
-    def _await_join(self, spawned: dict, deadline: float, cause: str, announced: float) -> list:
-        """Wait until every replacement in ``spawned`` reported ready. Returns the other ranks that
-        died (or were ended as stuck) meanwhile, then the caller starts again; ``[]`` once all have
-        joined."""
+    def _await_join(self, spawned: dict, elsewhere: list[int], deadline: float, cause: str,
+                    announced: float) -> list:
+        """Wait until every replacement in ``spawned`` reported ready, and every one of ``elsewhere``
+        (started by another node) was reported joined. Returns the deaths (rank, pid, how) of other
+        ranks meanwhile, then the caller starts again; ``[]`` once all have joined."""
         joined: set[int] = set()
-        while len(joined) < len(spawned):
+        while len(joined) < len(spawned) or len(nodes.joined(self.generation, elsewhere)) < len(elsewhere):
             time.sleep(POLL_SECONDS)
-            more = self._dead(excluding=set(spawned))
+            more = [*self._local(self._dead(excluding=set(spawned))), *self.deaths_reported.new()]
             if more:
                 return more
-            if time.monotonic() - announced > STRAGGLER_SECONDS:
-                self._end_stragglers(set(spawned))
+            if self.nnodes > 1:
+                self._check_nodes()
+            if time.monotonic() - announced > membership.STRAGGLER_SECONDS:
+                self._end_stragglers(set(spawned) | set(elsewhere))
             for rank, (process, reader, questions) in spawned.items():
                 if questions is not None and not questions.closed and questions.poll():
-                    self._answer(questions)
+                    self.frontend.answer(questions)
                 if rank in joined or not reader.poll():
                     if rank not in joined and process.exitcode is not None and not reader.poll():
                         self.fail_stop(f"{cause}; its replacement (pid {process.pid}) "
@@ -328,41 +372,18 @@ class Supervisor:
         has. Such a rank is blocked in a collective whose other members have left it (gloo fails a
         wait only on a closed connection, and a peer that moved on keeps its connections open), so it
         would never arrive. Ended, it is found dead by the next poll and replaced with the others."""
-        survivors = [r for r in range(len(self.processes)) if r not in replaced]
-        arrived = membership.arrived(self.instance_id, self.generation, survivors)
+        survivors = [r for r in range(self.world) if r not in replaced]
+        arrived = membership.arrived(self.generation, survivors)
         if not arrived:
             return
-        for rank in survivors:
+        for rank in [r for r in survivors if r in self.processes]:
             process = self.processes[rank]
             if rank not in arrived and process.exitcode is None and process.pid not in self.stuck:
                 log.error("rank did not reach the rendezvous; ending it so that it is replaced too",
                           rank=rank, pid=process.pid, generation=self.generation,
-                          waited_seconds=STRAGGLER_SECONDS, arrived=arrived)
+                          waited_seconds=membership.STRAGGLER_SECONDS, arrived=arrived)
                 self.stuck.add(process.pid)
                 process.kill()
-
-    def _answer(self, questions) -> None:
-        """A question from rank 0's replacement (handover); a closed pipe is left to the wait loop."""
-        try:
-            question = questions.recv()
-        except EOFError:
-            questions.close()
-            return
-        if question == "delivered":
-            questions.send(self._in_event_loop(journal.delivered))
-
-    def _in_event_loop(self, fn):
-        """``fn(tokenizer_manager)``, run on the tokenizer manager's event loop (which owns its state)."""
-        done: concurrent.futures.Future = concurrent.futures.Future()
-
-        def call() -> None:
-            try:
-                done.set_result(fn(self.tokenizer_manager))
-            except Exception as exc:
-                done.set_exception(exc)
-
-        self.tokenizer_manager.event_loop.call_soon_threadsafe(call)
-        return done.result(timeout=EVENT_LOOP_TIMEOUT_SECONDS)
 
     def on_failure_report(self) -> None:
         """A scheduler reported a failure (SIGQUIT): give the watch a moment to name the dead rank (and
@@ -390,29 +411,32 @@ class Supervisor:
             return
         self.stopping.set()
         log.error("fail stop", reason=reason)
-        tokenizer_manager = self.tokenizer_manager
-        loop = getattr(tokenizer_manager, "event_loop", None) if tokenizer_manager else None
-        if loop is not None and loop.is_running():
-            loop.call_soon_threadsafe(self._abort_pending, reason)
+        if self.nnodes > 1:
+            with contextlib.suppress(Exception):  # every other node stops too
+                nodes.request_stop(reason)
+        if self.frontend.abort_pending(reason):
             time.sleep(FAIL_STOP_GRACE_SECONDS)
         from sglang.srt.utils import kill_process_tree
 
         kill_process_tree(os.getpid(), include_parent=False)
-        for process in self.processes:  # their segments are removed once their owners are gone
+        for process in self.processes.values():  # their segments are removed once their owners are gone
             process.join(timeout=10)
         self.clean_up()
         print(f"ghostserve: fail stop: {reason}", file=sys.stderr, flush=True)
         os._exit(1)
 
-    def _abort_pending(self, reason: str) -> None:
-        from sglang.srt.managers.io_struct import AbortReq
-
-        manager = self.tokenizer_manager
-        for rid in list(manager.rid_to_state):
-            manager._handle_abort_req(AbortReq(rid=rid, abort_message=f"ghostserve: {reason}",
-                                               finished_reason={"type": "abort", "status_code": 503,
-                                                                "message": f"ghostserve: {reason}"}))
-
+    # -- across nodes -----------------------------------------------------------------------------------
+    def _check_nodes(self) -> None:
+        """Every node: stop when another node's supervisor failed stop. Node 0: fail stop when a node
+        stopped beating (its launcher, its ranks and their host parity are gone)."""
+        stop = nodes.stop_reason()
+        if stop is not None:
+            self.fail_stop(stop)
+        for node, silent in self.heartbeats.lost() if self.decides else ():
+            ranks = nodes.layout(self.world, self.nnodes, node)
+            self.fail_stop(f"node {node} (TP ranks {ranks}) has not been heard from for {silent:.1f} s: "
+                           "every rank it ran is gone with its host parity, and a whole node's KV cannot "
+                           "be rebuilt")
 
 SUPERVISOR = Supervisor()
 
@@ -421,27 +445,3 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def remove_orphaned_semaphores(since: float, directory: str = "/dev/shm") -> list[str]:
-    """Remove the named semaphores Python's multiprocessing made (``sem.mp-*``) since ``since`` that no
-    process has mapped any more: a killed scheduler leaves its own, and Python's resource tracker removes
-    them only when the server stops. Every process that can use a semaphore has it mapped (glibc maps
-    it under the name of the temporary file it was created as, so it is matched by inode)."""
-    device = os.stat(directory).st_dev
-    mapped: set[int] = set()
-    for maps in glob.glob("/proc/[0-9]*/maps"):
-        with contextlib.suppress(OSError), open(maps) as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].startswith(directory + "/"):
-                    mapped.add(int(fields[4]))
-    removed = []
-    for path in glob.glob(os.path.join(directory, "sem.mp-*")):
-        with contextlib.suppress(FileNotFoundError):
-            stat = os.stat(path)
-            if stat.st_dev == device and stat.st_ino not in mapped and stat.st_mtime >= since:
-                os.unlink(path)
-                removed.append(os.path.basename(path))
-    return removed
-
