@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: GHOSTSERVE_INSTANCE_ID, else the --port value)")
     parser.add_argument("--port", type=int, default=30000, help="the server's port, when the instance "
                         "id was left at its default")
+    parser.add_argument("--shm-dir", default=None, help="the server's --ghost-shm-dir (default: "
+                        "GHOSTSERVE_SHM_DIR, else /dev/shm)")
     parser.add_argument("--json", action="store_true", help="print the reply as JSON")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the reply")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         "hang-rank": lambda: {"ranks": args.ranks, "at": args.at},
     }.get(args.command, dict)()
     try:
-        reply = call(_instance(args), args.command, request_args, timeout_s=args.timeout)
+        reply = call(_instance(args), args.command, request_args, timeout_s=args.timeout,
+                     directory=args.shm_dir)
     except ControlError as exc:
         print(f"ghostserve: error: {exc}", file=sys.stderr)
         return 2

@@ -28,8 +28,8 @@ class ControlError(RuntimeError):
     """The control request could not be delivered or answered; one line says why."""
 
 
-def socket_path(instance_id: str) -> str:
-    return os.path.join(shm_dir(), f"ghostserve-{instance_id}.sock")
+def socket_path(instance_id: str, directory: str | None = None) -> str:
+    return os.path.join(directory or shm_dir(), f"ghostserve-{instance_id}.sock")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +108,11 @@ def _send(conn: socket.socket, message: dict) -> None:
         conn.close()
 
 
-def call(instance_id: str, op: str, args: dict | None = None, timeout_s: float = 120.0) -> dict:
-    """Send one control request to a running server and return its reply."""
-    path = socket_path(instance_id)
+def call(instance_id: str, op: str, args: dict | None = None, timeout_s: float = 120.0,
+         directory: str | None = None) -> dict:
+    """Send one control request to a running server and return its reply; ``directory``: the server's
+    ``--ghost-shm-dir`` (default: this process's)."""
+    path = socket_path(instance_id, directory)
     if not os.path.exists(path):
         raise ControlError(f"no GhostServe server with instance id {instance_id!r} here ({path} is missing)")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

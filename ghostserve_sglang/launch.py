@@ -30,6 +30,7 @@ from .sglang.protection import exchange
 from .sglang.restart import coordination, liveness, membership, nodes, semaphores
 from .sglang.restart.policy import RestartPolicy
 from .sglang.restart.supervisor import SUPERVISOR
+from .shm import shm_dir
 from .store import remove_orphans
 
 # What a dead rank's replacement needs from every scheduler process (docs/rank-restart.md): the launcher
@@ -90,8 +91,9 @@ def _banner(server_args, instance_id: str) -> str:
         lines.append("  metrics: off (add --enable-metrics to export the ghostserve_* series at /metrics)")
     cli = os.path.join(sys.prefix, "bin", "ghostserve")
     cli = cli if os.path.exists(cli) else "ghostserve"
-    lines.append(f"  status:  {cli} --instance-id {instance_id} status")
-    lines.append(f"  check:   {cli} --instance-id {instance_id} scrub")
+    cli += f" --instance-id {instance_id}" + (f" --shm-dir {shm_dir()}" if shm_dir() != "/dev/shm" else "")
+    lines.append(f"  status:  {cli} status")
+    lines.append(f"  check:   {cli} scrub")
     return "\n".join(lines)
 
 

@@ -46,8 +46,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, port: int, process: subprocess.Popen, log_path: str) -> None:
-        self.port, self.process, self.log_path = port, process, log_path
+    def __init__(self, port: int, process: subprocess.Popen, log_path: str,
+                 shm_dir: str | None = None) -> None:
+        self.port, self.process, self.log_path, self.shm_dir = port, process, log_path, shm_dir
         self.references: dict[str, list] = {}  # fault-free outputs of request mixes (campaign)
         self.url = f"http://127.0.0.1:{port}"
 
@@ -97,12 +98,13 @@ class Server:
 
     def ghostserve(self, *args: str) -> subprocess.CompletedProcess:
         """Run the ``ghostserve`` CLI against this server."""
+        where = ["--shm-dir", self.shm_dir] if self.shm_dir else []
         return subprocess.run([sys.executable, "-m", "ghostserve_sglang.cli", "--port", str(self.port),
-                               *args], capture_output=True, text=True, timeout=600)
+                               *where, *args], capture_output=True, text=True, timeout=600)
 
     def control(self, op: str, **args) -> dict:
         """A control request straight over the control socket (what the CLI sends)."""
-        return control.call(str(self.port), op, args)
+        return control.call(str(self.port), op, args, directory=self.shm_dir)
 
     def log(self) -> str:
         with open(self.log_path) as f:

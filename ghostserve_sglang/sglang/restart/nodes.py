@@ -16,6 +16,9 @@ from . import coordination
 
 BEAT_SECONDS = 0.5
 NODE_TIMEOUT_SECONDS = 5.0  # ten missed beats: the node's launcher is gone (or its host is)
+# How long node 0 waits, after a death of its own, for other nodes' reports of deaths at the same moment
+# (reported after the same shutdown check, plus a poll): those are replaced together with it.
+REPORT_SECONDS = 0.6
 
 
 def layout(tp_size: int, nnodes: int, node: int) -> list[int]:

@@ -162,6 +162,9 @@ class Supervisor:
                 self.stopping.set()
                 return
             dead = self._dead(excluding=self.follower.following)  # with those in the check's wait
+        if self.decides and self.nnodes > 1 and (dead or remote):  # other nodes report theirs later
+            time.sleep(nodes.REPORT_SECONDS)
+            dead, remote = self._dead(excluding=self.follower.following), remote + self.deaths_reported.new()
         if self.decides and (dead or remote):
             self._on_death([*self._local(dead), *remote])
         elif dead:
