@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     refused = compatibility.refusal(server_args, chosen) if chosen.enabled else None
     if refused is not None:
         _fail(refused)
+    coordinator = _coordinator(server_args, chosen) if chosen.enabled and server_args.tp_size > 1 else None
     if chosen.enabled and server_args.tp_size > 1 and chosen.hang_timeout_seconds:
         _watchdog_after_replacement(server_args, chosen)
     environment = chosen.to_env()
@@ -163,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     environment["GHOSTSERVE_INSTANCE_ID"] = instance_id
     if chosen.enabled:
         environment.update(RESTART_ENVIRONMENT)
-        if server_args.tp_size > 1:
-            environment[coordination.ENV] = _coordinator(server_args, chosen)
+        if coordinator is not None:
+            environment[coordination.ENV] = coordinator
     os.environ.update(environment)
     if server_args.device == "cpu":
         for name, value in cpu_compat.tp_environment(server_args.tp_size).items():

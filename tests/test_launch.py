@@ -22,6 +22,9 @@ BASE = ["--model-path", str(models.path()), "--device", "cpu"]
     (["--tp-size", "2", "--ghost-staging-mib", "lots"], "--ghost-staging-mib=lots"),
     (["--tp-size", "2", "--ghost-on-full", "panic"], "--ghost-on-full=panic"),
     (["--tp-size", "2", "--ghost-capture-queue-mib", "-1"], "--ghost-capture-queue-mib=-1"),
+    (["--tp-size", "2", "--ghost-coordinator-port", "70000"], "--ghost-coordinator-port=70000"),
+    (["--tp-size", "2", "--ghost-shm-dir", "shm"], "--ghost-shm-dir=shm"),
+    (["--tp-size", "2", "--nnodes", "2"], "--nnodes=2 needs --dist-init-addr"),
 ])
 def test_invalid_settings_fail_fast_with_one_line(flags, named, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -29,6 +32,20 @@ def test_invalid_settings_fail_fast_with_one_line(flags, named, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("ghostserve: error: ") and named in err
+
+
+def test_a_coordinator_port_in_use_is_refused_in_one_line(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exited:
+            launch.main([*BASE, "--tp-size", "2", "--ghost-coordinator-port", str(port)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ghostserve: error: --ghost-coordinator-port={port}: cannot listen")
 
 
 def test_unsupported_sglang_fails_fast_with_one_line(monkeypatch, capsys):
