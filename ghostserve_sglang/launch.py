@@ -57,8 +57,9 @@ def _print_help() -> None:
         description="An SGLang server whose KV cache is protected by erasure-code parity in host "
                     "memory. Takes every sglang.launch_server flag, plus the --ghost-* flags below.",
         epilog="\n".join(textwrap.wrap(
-            f"Protected: one tensor-parallel group of a model with MHA or GQA attention, --page-size 1 "
-            f"or 16, radix cache on or off, chunked prefill on or off, --kv-cache-dtype auto or fp8. "
+            f"Protected: one tensor-parallel group of a model with MHA or GQA attention, on one node or "
+            f"several (--nnodes: run this launcher on every node), --page-size 1 or 16, radix cache on or "
+            f"off, chunked prefill on or off, --kv-cache-dtype auto or fp8. "
             f"Refused at start, in one line, unless --ghost-code off: {refused}; models with MLA, hybrid "
             f"sliding-window or hybrid linear attention. SGLang releases: "
             f"{', '.join(load_spec()['releases'])} (ghostserve check-sglang checks the installed one).",

@@ -45,7 +45,8 @@ def test_a_coordinator_port_in_use_is_refused_in_one_line(capsys):
             launch.main([*BASE, "--tp-size", "2", "--ghost-coordinator-port", str(port)])
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"ghostserve: error: --ghost-coordinator-port={port}: cannot listen")
+    assert len(err) == 1
+    assert err[0].startswith(f"ghostserve: error: --ghost-coordinator-port={port}: cannot listen there")
 
 
 def test_unsupported_sglang_fails_fast_with_one_line(monkeypatch, capsys):
