@@ -208,6 +208,7 @@ def _coordinator(server_args, chosen) -> str:
         _fail(f"--nnodes={server_args.nnodes} needs --dist-init-addr HOST:PORT (node 0's address)")
     else:
         host, _, dist_port = server_args.dist_init_addr.rpartition(":")
+        host = host.strip("[]")
         port = chosen.coordinator_port or int(dist_port) + 1
         if server_args.node_rank > 0:
             return f"{host}:{port}"

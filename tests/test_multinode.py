@@ -22,7 +22,8 @@ from ghostserve_sglang.testing.emulated_nodes import launched_nodes
 from ghostserve_sglang.testing.local_server import eventually
 
 GHOST = ["--ghost-code", "xor", "--ghost-enable-fault-injection", "1", "--ghost-strict", "1",
-         "--ghost-rejoin-timeout-seconds", "240", "--ghost-max-restarts", "0"]
+         "--ghost-rejoin-timeout-seconds", "240", "--ghost-hang-timeout-seconds", "5",
+         "--ghost-max-restarts", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,20 @@ def test_a_rank_killed_on_either_node_is_replaced_by_its_node_and_no_token_chang
     assert re.findall(started, nodes.log(0)) == [("2", "0")]
     ranks = nodes.server.control("status")["ranks"]
     assert [(r["node"], r["restarts"]) for r in ranks] == [(0, 1), (1, 1)]
+
+
+def test_a_rank_hung_on_either_node_is_found_by_node_0_ended_by_its_node_and_replaced(nodes):
+    """``kill -STOP`` mid-decode: node 0 judges every rank's stamps (node 1 publishes its own); rank 1's
+    verdict is carried out by node 1's supervisor."""
+    trials = [run_kill_trial(nodes.server, seed=seed, ranks=(rank,), how="STOP", mix=process_fault_mix())
+              for seed, rank in ((33, 1), (34, 0))]
+    for trial in trials:
+        assert trial.ok and trial.running_at_kill > 0, trial
+        assert trial.restart["phases"]["hang_detect_seconds"] >= 5, trial
+        assert trial.scrub["mismatching"] == 0, trial
+    assert re.search(r"rank hung; ending it so that it is replaced .*found_by='node 0'.*rank=1", nodes.log(1))
+    assert re.search(r"rank hung; ending it so that it is replaced .*rank=0.*stopped", nodes.log(0))
+    assert [r["restarts"] for r in nodes.server.control("status")["ranks"]] == [2, 2]
 
 
 def outcome(future) -> str:

@@ -4,6 +4,8 @@ failure reports of the ranks to the supervisor (``restart.supervisor``; docs/ran
 
 from __future__ import annotations
 
+import signal
+
 from ... import threads
 from ..restart.supervisor import SUPERVISOR
 
@@ -16,12 +18,17 @@ def launch_scheduler_processes(wrapped, instance, args, kwargs):
         server_args, port_args, target = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(
             ("server_args", "port_args", "run_scheduler_process_func")))
         SUPERVISOR.launch = (target, server_args, port_args)
-        host = server_args.dist_init_addr.rpartition(":")[0] if server_args.nnodes > 1 else "127.0.0.1"
+        host = "127.0.0.1"  # node 0's, where the rendezvous of a replacement is
+        if server_args.nnodes > 1:
+            host = server_args.dist_init_addr.rpartition(":")[0].strip("[]")
         SUPERVISOR.adopt(processes, server_args.tp_size, server_args.node_rank, server_args.nnodes, host)
         if server_args.node_rank > 0:
             # Node >= 1's launcher waits here for its original processes; replacements are the
             # supervisor's, which ends the wait when node 0 is gone or the server fails stop.
             result[0].block_until_scheduler_exits = SUPERVISOR.stopping.wait
+            # A rank that raises reports it with SIGQUIT, whose handler there stops every process of the
+            # node; the supervisor sees the rank end and has it replaced instead.
+            signal.signal(signal.SIGQUIT, lambda *_: None)
     return result
 
 

@@ -9,7 +9,7 @@ import time
 
 import structlog
 
-from . import coordination, membership, nodes, semaphores
+from . import coordination, hangs, membership, nodes, semaphores
 
 log = structlog.get_logger("ghostserve.supervisor")
 
@@ -58,16 +58,20 @@ class Follower:
             elif process.exitcode is not None:
                 s.fail_stop(f"TP rank {rank}'s replacement (pid {process.pid}) "
                             f"{s._how(process)} before it joined")
-        if self.following and all(reader.closed for _, reader, _ in self.following.values()):
+        # Joined replacements stay followed until node 0 marks the generation done: a later death may
+        # still make it void, and then they are ended and started again.
+        if self.following and announced is None and all(r.closed for _, r, _ in self.following.values()):
             self.following, s.replacing = {}, False
             semaphores.remove_orphaned(s.started_at)
+        if s.hang_timeout_s:
+            hangs.end_requested(s)
         if announced is not None and time.monotonic() - self.announced_at > membership.STRAGGLER_SECONDS:
             s._end_stragglers(set(announced["replaced"]))
 
     def beat(self) -> None:
         """Raise this node's heartbeat until the server stops; stand down when node 0 is gone."""
         s = self.supervisor
-        while not s.stopping.wait(nodes.BEAT_SECONDS):
+        while not s.stopping.wait(nodes.BEAT_SECONDS) and s._thread.is_alive():  # beats while it supervises
             try:
                 nodes.beat(s.node)
             except coordination.CoordinatorLost as exc:

@@ -18,12 +18,9 @@ class Frontend:
         self.tokenizer_manager = None
 
     def up(self) -> bool:
-        """Whether SGLang reports the server up (its warm-up done; no replacement under way); on node
-        >= 1, once its ranks are ready (the supervisor asks only then)."""
+        """Whether SGLang reports the server up (its warm-up done; no replacement under way)."""
         from sglang.srt.managers.tokenizer_manager import ServerStatus
 
-        if self.tokenizer_manager is None:
-            return True
         return getattr(self.tokenizer_manager, "server_status", None) == ServerStatus.Up
 
     def stopping(self) -> bool:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import time
 
-from . import coordination
+from . import coordination, liveness
 
 BEAT_SECONDS = 0.5
 NODE_TIMEOUT_SECONDS = 5.0  # ten missed beats: the node's launcher is gone (or its host is)
 # How long node 0 waits, after a death of its own, for other nodes' reports of deaths at the same moment
 # (reported after the same shutdown check, plus a poll): those are replaced together with it.
 REPORT_SECONDS = 0.6
+STAMPS_FRESH_SECONDS = 1.0  # a node's published stamps older than this are not judged
 
 
 def layout(tp_size: int, nnodes: int, node: int) -> list[int]:
@@ -82,6 +83,50 @@ class Heartbeats:
             elif count and now - since > NODE_TIMEOUT_SECONDS:
                 lost.append((node, now - since))
         return lost
+
+
+def publish_stamps(node: int, stamps: list, stopped: set[int]) -> None:
+    """Node >= 1: its ranks' progress stamps (ages on its own clock), for node 0 to judge hangs."""
+    rows = [[s.rank, s.iteration, s.phase, s.age, s.pid] for s in stamps]
+    coordination.put(f"stamps/{node}", {"stamps": rows, "stopped": sorted(stopped), "at": time.monotonic()})
+
+
+class RemoteStamps:
+    """Node 0's reader of the other nodes' published stamps; a node's count only while it keeps
+    publishing them (not while it replaces a rank, or before it started)."""
+
+    def __init__(self, nnodes: int) -> None:
+        self.last = {node: (None, 0.0) for node in range(1, nnodes)}
+
+    def read(self) -> tuple[list, set[int]] | None:
+        now, stamps, stopped = time.monotonic(), [], set()
+        for node, (seen, since) in self.last.items():
+            published = coordination.get(f"stamps/{node}")
+            if published is None:
+                return None
+            if published["at"] != seen:
+                self.last[node] = (published["at"], now)
+            elif now - since > STAMPS_FRESH_SECONDS:
+                return None
+            stamps += [liveness.Stamp(*row) for row in published["stamps"]]
+            stopped |= set(published["stopped"])
+        return stamps, stopped
+
+
+def end_hung(rank: int, pid: int, what: str, age: float) -> None:
+    """Node 0: another node's rank is hung; that node's supervisor ends it."""
+    coordination.put(f"end/{rank}", {"pid": pid, "what": what, "age": age})
+
+
+def hung_to_end(ranks: list[int]) -> list[tuple[int, int, str, float]]:
+    """Node >= 1: (rank, pid, what, age) of each of ``ranks`` node 0 found hung (its current process or
+    an earlier one)."""
+    found = []
+    for rank in ranks:
+        verdict = coordination.get(f"end/{rank}")
+        if verdict is not None:
+            found.append((rank, verdict["pid"], verdict["what"], verdict["age"]))
+    return found
 
 
 def request_stop(reason: str) -> None:

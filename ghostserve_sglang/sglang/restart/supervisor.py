@@ -40,7 +40,7 @@ import time
 import structlog
 
 from ... import threads
-from . import coordination, journal, liveness, membership, nodes, semaphores
+from . import coordination, hangs, journal, membership, nodes, semaphores
 from .follower import Follower
 from .frontend import Frontend
 from .policy import RestartPolicy
@@ -51,7 +51,6 @@ log = structlog.get_logger("ghostserve.supervisor")
 POLL_SECONDS = 0.2
 FAIL_STOP_GRACE_SECONDS = 1.0  # lets the error responses reach their clients
 REPORT_WAIT_SECONDS = 60.0
-FENCE_SECONDS = 10.0  # how long a hung rank ended with SIGKILL may take to exit (uninterruptible sleep)
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -72,6 +71,7 @@ class Supervisor:
         self.nnodes = 1
         self.host = "127.0.0.1"  # node 0's address: where the rendezvous of a replacement is
         self.deaths_reported = nodes.Deaths()  # node 0: the deaths other nodes report
+        self.dead_pids: dict[int, int] = {}  # tp rank -> the pid of its last process that ended
         self.heartbeats = nodes.Heartbeats(1)
         self.follower = Follower(self)  # node >= 1's part
         self.launch: tuple = ()  # run_scheduler_process, server_args, port_args: to start a replacement
@@ -116,13 +116,9 @@ class Supervisor:
         world = world or len(processes)
         self.processes = dict(zip(nodes.layout(world, nnodes, node), processes))
         self.world, self.node, self.nnodes, self.host = world, node, nnodes, host
-        self.heartbeats = nodes.Heartbeats(nnodes)
+        self.heartbeats, self.remote_stamps = nodes.Heartbeats(nnodes), nodes.RemoteStamps(nnodes)
         self.started_at = time.time()
         if self._thread is None:
-            if self.rejoin_timeout_s and coordination.configured():
-                nodes.register(node, sorted(self.processes), os.getpid())
-                if node:
-                    threads.daemon(self.follower.beat, "ghostserve-heartbeat").start()
             self._thread = threads.daemon(self._watch, "ghostserve-supervisor")
             self._thread.start()
 
@@ -139,12 +135,29 @@ class Supervisor:
 
     # -- the watch ----------------------------------------------------------------------------------
     def _watch(self) -> None:
-        while not self._tick():
-            try:
+        try:
+            if self.rejoin_timeout_s and coordination.configured():
+                self._register()
+            while not self._tick():
                 self._watch_once()
-            except coordination.CoordinatorLost as exc:
+        except coordination.CoordinatorLost as exc:
+            if not self.decides:
                 self.follower.stand_down(str(exc))
-                return
+            else:
+                self.fail_stop(f"the membership store failed: {exc}")
+
+    def _register(self) -> None:
+        """Make this node known in the membership store (node >= 1: and start beating). Node 0's store
+        may not be up yet while the ranks wait for SGLang's rendezvous: tried until they are ready."""
+        while True:
+            try:
+                nodes.register(self.node, sorted(self.processes), os.getpid())
+                break
+            except coordination.CoordinatorLost:
+                if self.serving or self.stopping.wait(1.0):
+                    raise
+        if not self.decides:
+            threads.daemon(self.follower.beat, "ghostserve-heartbeat").start()
 
     def _watch_once(self) -> None:
         if not self.serving:
@@ -153,7 +166,8 @@ class Supervisor:
         if self.rejoin_timeout_s and self.nnodes > 1:
             self._check_nodes()
         remote = self.deaths_reported.new() if self.decides and self.nnodes > 1 else []
-        if dead:
+        if remote and not dead and self.frontend.stopping():
+            dead = remote = []  # other nodes' ranks stop with the server; this node's are next
             # A survivor whose collective failed exits too; the one a signal ended is the cause.
             rank, process = min(dead, key=lambda d: (d[1].exitcode >= 0, d[0]))
             if self._shutting_down(process):
@@ -170,39 +184,12 @@ class Supervisor:
         elif dead:
             self.follower.report(dead)
         elif self.hang_timeout_s and self.rejoin_timeout_s:
-            self._check_hangs()
+            hangs.check(self)
         if not self.decides and self.rejoin_timeout_s:
             self.follower.follow()
-        if not (self.replacing or self.follower.following or self.stopping.is_set()) and self.frontend.up():
+        if not (self.replacing or self.follower.following or self.stopping.is_set()) and (
+                self.node > 0 or self.frontend.up()):
             self.standbys.keep()  # from the end of SGLang's warm-up on: not beside the first forwards
-
-    def _check_hangs(self) -> None:
-        """End the ranks ``liveness.judge`` finds hung (SIGKILL: a stopped or stuck process runs no
-        handler); the next poll finds them dead and replaces them. One that does not exit within
-        ``FENCE_SECONDS`` (uninterruptible sleep) ends in a fail stop."""
-        now = time.monotonic()
-        for pid, (_, ended_at, _) in self.hung.items():
-            alive = any(p.pid == pid and p.exitcode is None for p in self.processes.values())
-            if alive and now - ended_at > FENCE_SECONDS:
-                self.fail_stop(f"TP rank process pid {pid} hung and did not exit within {FENCE_SECONDS:g} s "
-                               "of SIGKILL (uninterruptible sleep?)")
-        stamps = liveness.read(self.instance_id, sorted(self.processes), now)
-        if stamps is None or any(s.pid != self.processes[s.rank].pid for s in stamps):
-            return  # a rank has not stamped yet
-        stopped = {r for r, p in self.processes.items() if liveness.stopped(p.pid)}
-        verdict = liveness.judge(stamps, self.hang_timeout_s, stopped)
-        by_rank = {s.rank: s for s in stamps}
-        for rank in verdict.hung:
-            process, stamp = self.processes[rank], by_rank[rank]
-            if process.pid in self.hung or process.exitcode is not None:
-                continue
-            what = f"hung in {liveness.PHASES[stamp.phase]} for {stamp.age:.1f} s and was ended"
-            log.error("rank hung; ending it so that it is replaced", rank=rank, pid=process.pid,
-                      reason=verdict.reason, detect_seconds=round(stamp.age, 3),
-                      waited_seconds=round(verdict.stalled_seconds, 3), **liveness.describe(stamp))
-            self.hung[process.pid] = (what, now, stamp.age)
-            self.frontend.set_health(False)
-            process.kill()
 
     def _tick(self) -> bool:
         """Wait ``POLL_SECONDS``, or less when a scheduler process ends meanwhile (its death is handled
@@ -229,12 +216,14 @@ class Supervisor:
         time.sleep(2 * POLL_SECONDS)
         if self.frontend.stopping():
             return True
-        return all(p.exitcode in (-signal.SIGTERM, -signal.SIGINT) for p in self.processes.values())
+        # Node >= 1's ranks exit with status 0 when node 0 stops the server.
+        return all(p.exitcode in (0, -signal.SIGTERM, -signal.SIGINT) for p in self.processes.values())
 
     def _describe(self, dead: list[tuple[int, int, str]]) -> str:
         """``dead``: (rank, pid, how) of each death, on this node or reported by another."""
         self.deaths += len(dead)
         for rank, pid, how in dead:
+            self.dead_pids[rank] = pid
             log.error("rank process died", rank=rank, pid=pid, how=how,
                       node=self.node if rank in self.processes else "another")
         return ", and ".join(f"TP rank {r}'s scheduler process (pid {pid}) {how}" for r, pid, how in dead)
@@ -275,7 +264,7 @@ class Supervisor:
                 self.fail_stop(f"{cause}; no rank survives to take the scheduler state from")
             self.generation += 1
             port = _free_port()
-            pids = {r: self.processes[r].pid for r in ranks if r in self.processes}
+            pids = {r: self.dead_pids[r] for r in ranks}
             hung = {r: self.hung[pid][2] for r, pid in pids.items() if pid in self.hung}
             membership.announce(self.generation, self.host, port, ranks, hung)
             announced = time.monotonic()
