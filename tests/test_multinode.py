@@ -49,7 +49,8 @@ def test_node_1_says_what_it_is_and_status_shows_every_rank_with_its_node(nodes)
 
 
 def test_a_rank_killed_on_either_node_is_replaced_by_its_node_and_no_token_changes(nodes):
-    trials = [run_kill_trial(nodes.server, seed=seed, ranks=(rank,), mix=process_fault_mix())
+    trials = [run_kill_trial(nodes.server, seed=seed, ranks=(rank,), mix=process_fault_mix(),
+                             after_steps=random.Random(seed).randrange(8, 24))  # mid-decode
               for seed, rank in ((31, 1), (32, 0))]
     for trial in trials:
         assert trial.ok and trial.running_at_kill > 0, trial
@@ -65,7 +66,8 @@ def test_a_rank_killed_on_either_node_is_replaced_by_its_node_and_no_token_chang
 def test_a_rank_hung_on_either_node_is_found_by_node_0_ended_by_its_node_and_replaced(nodes):
     """``kill -STOP`` mid-decode: node 0 judges every rank's stamps (node 1 publishes its own); rank 1's
     verdict is carried out by node 1's supervisor."""
-    trials = [run_kill_trial(nodes.server, seed=seed, ranks=(rank,), how="STOP", mix=process_fault_mix())
+    trials = [run_kill_trial(nodes.server, seed=seed, ranks=(rank,), how="STOP", mix=process_fault_mix(),
+                             after_steps=random.Random(seed).randrange(8, 24))
               for seed, rank in ((33, 1), (34, 0))]
     for trial in trials:
         assert trial.ok and trial.running_at_kill > 0, trial

@@ -5,6 +5,7 @@ nodes")."""
 
 from __future__ import annotations
 
+import random
 import re
 
 from ghostserve_sglang.testing.campaign import process_fault_mix, run_kill_trial
@@ -16,7 +17,8 @@ GHOST = ["--ghost-code", "rs", "--ghost-parity-shards", "2", "--ghost-strict", "
 
 def test_two_ranks_on_different_nodes_killed_at_once_are_replaced_together(tmp_path):
     with launched_nodes(4, 2, GHOST, extra=["--chunked-prefill-size", "128"], log_dir=str(tmp_path)) as nodes:
-        trial = run_kill_trial(nodes.server, seed=41, ranks=(1, 2), mix=process_fault_mix())
+        trial = run_kill_trial(nodes.server, seed=41, ranks=(1, 2), mix=process_fault_mix(),
+                               after_steps=random.Random(41).randrange(8, 24))  # mid-decode
         logs = [nodes.log(0), nodes.log(1)]
         ranks = nodes.server.control("status")["ranks"]
     assert trial.ok and trial.running_at_kill > 0, trial

@@ -44,6 +44,9 @@ def check(s) -> None:
             return  # a node's stamps are not fresh (starting, or replacing a rank)
         stamps, stopped = stamps + remote[0], stopped | remote[1]
     verdict = liveness.judge(stamps, s.hang_timeout_s, stopped)
+    if s.nnodes > 1 and not verdict.told_apart and verdict.stalled_seconds < s.hang_timeout_s + \
+            nodes.STAMPS_FRESH_SECONDS:
+        return  # another node's stamps, a poll or two behind, may still name the culprit
     by_rank = {stamp.rank: stamp for stamp in stamps}
     for rank in verdict.hung:
         stamp, process = by_rank[rank], s.processes.get(rank)

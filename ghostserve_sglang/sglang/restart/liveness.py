@@ -143,6 +143,7 @@ class Verdict:
     hung: list[int]
     reason: str = ""
     stalled_seconds: float = 0.0  # how long the oldest waiting rank has waited
+    told_apart: bool = True  # False: no culprit could be told apart; the oldest stamp was chosen
 
 
 def judge(stamps: list[Stamp], timeout_s: float, stopped: set[int] = frozenset()) -> Verdict:
@@ -159,7 +160,7 @@ def judge(stamps: list[Stamp], timeout_s: float, stopped: set[int] = frozenset()
                        stalled)
     oldest = max(stamps, key=lambda s: s.age)
     return Verdict([oldest.rank], "every stalled rank waits in a collective; the oldest stamp is ended",
-                   stalled)
+                   stalled, told_apart=False)
 
 
 def stopped(pid: int) -> bool:

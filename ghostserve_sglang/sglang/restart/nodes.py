@@ -105,10 +105,12 @@ class RemoteStamps:
             if published is None:
                 return None
             if published["at"] != seen:
-                self.last[node] = (published["at"], now)
+                self.last[node], since = (published["at"], now), now
             elif now - since > STAMPS_FRESH_SECONDS:
                 return None
-            stamps += [liveness.Stamp(*row) for row in published["stamps"]]
+            # Aged by the time since it was seen here: a published age is a little behind.
+            stamps += [liveness.Stamp(r, i, phase, age + now - since, pid)
+                       for r, i, phase, age, pid in published["stamps"]]
             stopped |= set(published["stopped"])
         return stamps, stopped
 

@@ -168,6 +168,7 @@ class Supervisor:
         remote = self.deaths_reported.new() if self.decides and self.nnodes > 1 else []
         if remote and not dead and self.frontend.stopping():
             dead = remote = []  # other nodes' ranks stop with the server; this node's are next
+        if dead:
             # A survivor whose collective failed exits too; the one a signal ended is the cause.
             rank, process = min(dead, key=lambda d: (d[1].exitcode >= 0, d[0]))
             if self._shutting_down(process):
