@@ -16,6 +16,7 @@ from ...control import ControlRequest
 from ...drills import process as drills
 from ...store import StoreError
 from .. import operations
+from ..protection.collectives import peer_lost
 from ..protection.kv import UnsupportedPool, check_pool
 from ..restart import handover
 from . import compatibility, refusal
@@ -116,8 +117,9 @@ def process_input_requests(wrapped, instance, args, kwargs):
         except Exception as exc:
             log.error("control request failed", op=request.op, rank=protector.rank, step=protector.step,
                       error=repr(exc), exc_info=exc)
-            if STATE.settings.strict:
+            if STATE.settings.strict and not peer_lost(exc):
                 raise
+            # A peer that died during the request's collective is held for at the next broadcast.
             reply = {"error": f"{request.op} failed on rank {protector.rank}: {exc!r}"}
         if protector.control is not None:
             protector.control.reply(request.request_id, reply)
