@@ -32,6 +32,9 @@ class Follower:
             self.reported.add(process.pid)
 
     def follow(self) -> None:
+        """Each poll: start the replacements of a new generation's ranks of this node (ending those of
+        the attempt it made void), report each once it joined, carry out node 0's hang verdicts, and end
+        a survivor of this node that never reached the rendezvous."""
         s = self.supervisor
         announced = membership.read()
         if announced is not None and announced["generation"] > s.generation:
