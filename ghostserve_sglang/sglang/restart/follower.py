@@ -78,14 +78,15 @@ class Follower:
             try:
                 nodes.beat(s.node)
             except coordination.CoordinatorLost as exc:
-                self.stand_down(str(exc))
+                self.stand_down(f"node 0 is gone: {exc}")
                 return
 
     def stand_down(self, reason: str) -> None:
-        """Node 0 is gone (stopped, or lost), and with it the server: stop this node's part."""
+        """Stop this node's part: node 0 is gone (stopped, or lost), and with it the server, or this
+        node can no longer supervise its ranks (node 0 then finds the node lost)."""
         s = self.supervisor
         if s.stopping.is_set():
             return
-        log.warning("node 0 is gone; stopping this node's ranks", node=s.node, reason=reason)
+        log.warning("stopping this node's ranks", node=s.node, reason=reason)
         s.standing_down = True
         s.stopping.set()

@@ -72,7 +72,7 @@ class Supervisor:
         self.host = "127.0.0.1"  # node 0's address: where the rendezvous of a replacement is
         self.deaths_reported = nodes.Deaths()  # node 0: the deaths other nodes report
         self.dead_pids: dict[int, int] = {}  # tp rank -> the pid of its last process that ended
-        self.heartbeats = nodes.Heartbeats(1)
+        self.heartbeats, self.remote_stamps = nodes.Heartbeats(1), nodes.RemoteStamps(1)  # node 0
         self.follower = Follower(self)  # node >= 1's part
         self.launch: tuple = ()  # run_scheduler_process, server_args, port_args: to start a replacement
         self.frontend = Frontend()  # SGLang's tokenizer manager (node 0)
@@ -109,11 +109,9 @@ class Supervisor:
         self.standbys = Standbys(standbys if rejoin_timeout_s else 0)
 
     # -- wiring, from the main-process wrappers -----------------------------------------------------
-    def adopt(self, processes: list, world: int = 0, node: int = 0, nnodes: int = 1,
-              host: str = "127.0.0.1") -> None:
+    def adopt(self, processes: list, world: int, node: int, nnodes: int, host: str) -> None:
         """This node's scheduler processes, in TP rank order, right after SGLang started them; ``world``
         TP ranks over ``nnodes`` nodes, ``host`` node 0's address."""
-        world = world or len(processes)
         self.processes = dict(zip(nodes.layout(world, nnodes, node), processes))
         self.world, self.node, self.nnodes, self.host = world, node, nnodes, host
         self.heartbeats, self.remote_stamps = nodes.Heartbeats(nnodes), nodes.RemoteStamps(nnodes)
@@ -142,9 +140,15 @@ class Supervisor:
                 self._watch_once()
         except coordination.CoordinatorLost as exc:
             if not self.decides:
-                self.follower.stand_down(str(exc))
+                self.follower.stand_down(f"node 0 is gone: {exc}")
             else:
                 self.fail_stop(f"the membership store failed: {exc}")
+        except Exception as exc:
+            if self.decides:
+                raise
+            # Node >= 1's launcher waits for this supervisor to stop (``stopping``): never for ever.
+            log.exception("the supervisor failed", node=self.node)
+            self.follower.stand_down(f"its supervisor failed: {exc!r}")
 
     def _register(self) -> None:
         """Make this node known in the membership store (node >= 1: and start beating). Node 0's store
@@ -165,7 +169,7 @@ class Supervisor:
         dead = self._dead(excluding=self.follower.following)
         if self.rejoin_timeout_s and self.nnodes > 1:
             self._check_nodes()
-        remote = self.deaths_reported.new() if self.decides and self.nnodes > 1 else []
+        remote = self._reported()
         if remote and not dead and self.frontend.stopping():
             dead = remote = []  # other nodes' ranks stop with the server; this node's are next
         if dead:
@@ -179,7 +183,7 @@ class Supervisor:
             dead = self._dead(excluding=self.follower.following)  # with those in the check's wait
         if self.decides and self.nnodes > 1 and (dead or remote):  # other nodes report theirs later
             time.sleep(nodes.REPORT_SECONDS)
-            dead, remote = self._dead(excluding=self.follower.following), remote + self.deaths_reported.new()
+            dead, remote = self._dead(excluding=self.follower.following), remote + self._reported()
         if self.decides and (dead or remote):
             self._on_death([*self._local(dead), *remote])
         elif dead:
@@ -207,6 +211,10 @@ class Supervisor:
 
     def _local(self, dead: list) -> list[tuple[int, int, str]]:
         return [(r, p.pid, self._how(p)) for r, p in dead]
+
+    def _reported(self) -> list[tuple[int, int, str]]:
+        """Node 0 of several: the deaths other nodes reported since the last call (none to ask else)."""
+        return self.deaths_reported.new() if self.decides and self.nnodes > 1 else []
 
     def _shutting_down(self, process) -> bool:
         """Whether the server is being stopped: SGLang's SIGTERM handler ran in this process, or a TERM
@@ -276,7 +284,7 @@ class Supervisor:
                 break
             self._void(spawned)  # this attempt is void: start again with them
             time.sleep(2 * POLL_SECONDS)  # deaths close together are replaced together
-            more = [*more, *self._local(self._dead(excluding=set(ranks))), *self.deaths_reported.new()]
+            more = [*more, *self._local(self._dead(excluding=set(ranks))), *self._reported()]
             more = list({rank: d for d in more if (rank := d[0]) not in ranks}.values())
             cause = f"{cause}; then {self._describe(more)} while it was being replaced"
             ranks = sorted({*ranks, *(r for r, _, _ in more)})
@@ -329,7 +337,7 @@ class Supervisor:
         joined: set[int] = set()
         while len(joined) < len(spawned) or len(nodes.joined(self.generation, elsewhere)) < len(elsewhere):
             time.sleep(POLL_SECONDS)
-            more = [*self._local(self._dead(excluding=set(spawned))), *self.deaths_reported.new()]
+            more = [*self._local(self._dead(excluding=set(spawned))), *self._reported()]
             if more:
                 return more
             if self.nnodes > 1:
